@@ -1,0 +1,51 @@
+"""Shared by the benchmarks: start on 2 CPU ranks, time steps side by side, print on rank 0."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def ensure_ranks(nproc: int = 2) -> None:
+    """Re-run the calling script under torchrun with `nproc` CPU ranks unless already launched."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(port), sys.argv[0], *sys.argv[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+def rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(*args) -> None:
+    if rank0():
+        print(*args, flush=True)
+
+
+def alternate(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each step function, calling them in turn every round so that
+    machine noise hits all of them alike."""
+    import torch.distributed as dist
+
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(warmup + rounds):
+        for name, fn in steps.items():
+            if dist.is_initialized():
+                dist.barrier()
+            t = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,75 @@
+"""The two batch shapes the engine accepts and how a model is called on each.
+
+- `(inputs, targets)` tuples: `model(inputs)` returns logits; default loss cross-entropy.
+- dicts (Hugging Face style): `model(**batch)` returns an output with `.loss` and `.logits`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Batch = Any
+LossFn = Callable[[Any, Batch], Tensor]
+"""loss_fn(model_output, batch) -> scalar loss."""
+
+
+def is_dict(batch: Batch) -> bool:
+    return isinstance(batch, dict)
+
+
+def check(batch: Batch) -> None:
+    if is_dict(batch):
+        return
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return
+    raise TypeError(f"batch of type {type(batch).__name__}: expected an (inputs, targets) pair or a dict of tensors")
+
+
+def to_device(batch: Batch, device: torch.device, float_dtype: Optional[torch.dtype] = None) -> Batch:
+    """Move every tensor to `device`; floating ones are also cast to `float_dtype` when given."""
+    if isinstance(batch, Tensor):
+        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else None
+        return batch.to(device=device, dtype=dtype, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device, float_dtype) for v in batch)
+    return batch
+
+
+def call(model: Callable, batch: Batch, **override: Tensor) -> Any:
+    """Run `model` on `batch`, replacing named inputs (`inputs` for a tuple batch)."""
+    if is_dict(batch):
+        return model(**{**batch, **override})
+    return model(override.get("inputs", batch[0]))
+
+
+def labels(batch: Batch) -> Optional[Tensor]:
+    return batch.get("labels") if is_dict(batch) else batch[1]
+
+
+def logits(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output.logits
+
+
+def default_loss(output: Any, batch: Batch) -> Tensor:
+    """Cross-entropy for tuple batches; the model's own `.loss` for dict batches."""
+    if is_dict(batch):
+        if getattr(output, "loss", None) is None:
+            raise ValueError("model output has no .loss: pass labels in the batch or a loss_fn")
+        return output.loss
+    return F.cross_entropy(output, batch[1])
+
+
+def correct(output: Any, batch: Batch) -> tuple[int, int]:
+    """(correct, counted) top-1 predictions; positions labelled -100 are not counted."""
+    y = labels(batch)
+    if y is None:
+        return 0, 0
+    pred = logits(output).detach().argmax(dim=-1)
+    valid = y != -100
+    return int((pred.eq(y) & valid).sum()), int(valid.sum())

@@ -1,0 +1,247 @@
+"""The `"conadv"` block of a DeepSpeed JSON, and the checks DeepSpeed would only make late.
+
+The block sits next to DeepSpeed's own keys in the same file::
+
+    {"train_batch_size": 1024, "optimizer": {...},
+     "conadv": {"schedule": "conadv", "staleness": 1, "epsilon": 0.0353}}
+
+It is validated here, before DeepSpeed starts, and removed from the dict handed to DeepSpeed.
+Defaults are the official ConAdv code's (ResNet-50 on ImageNet, [0, 1] pixels).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, did_you_mean
+
+CONADV_KEY = "conadv"
+PIXEL_EPSILON = 9 / 255
+
+
+class ConAdvConfig(BaseModel):
+    """What the adversarial part of training does; one instance per run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    enabled: bool = True
+    """A present block is on unless it says otherwise; no block means plain DeepSpeed."""
+    schedule: Literal["clean", "disadv", "conadv", "split"] = "conadv"
+    """clean: no attack; disadv: attack with the current weights; conadv: with weights
+    `staleness` steps old; split: conadv computed on dedicated attacker ranks."""
+    staleness: int = 1
+    """τ: the perturbation of batch t comes from the weights after step max(t-τ, 0)."""
+    stale_weights: Literal["auto", "lookahead", "snapshot"] = "auto"
+    """How old weights are realised: lookahead (τ=1, attack the next batch with the weights in
+    place, no copy) or snapshot (each rank keeps its own shard of old weights). auto picks
+    lookahead for τ=1."""
+    space: Literal["pixel", "embedding"] = "pixel"
+    norm: Literal["linf", "l2"] = "linf"
+    epsilon: float = PIXEL_EPSILON
+    step_size: float = PIXEL_EPSILON
+    steps: int = 1
+    targeted: bool = True
+    """Targeted: descend the loss towards a random wrong label; else ascend the true label's."""
+    clean_start_prob: float = 0.2
+    """Probability (one draw per micro-batch) that PGD starts at δ=0 instead of a random point."""
+    adv_weight: float = 0.5
+    """λ in (1-λ)·L(x) + λ·L(x+δ)."""
+    clip_range: Optional[tuple[float, float]] = (0.0, 1.0)
+    """Valid range of x+δ; null for none. Defaults to null in embedding space."""
+    aux_bn: bool = False
+    """Route adversarial samples through their own BatchNorm statistics (AdvProp / official mixbn)."""
+    attack_bn: Literal["eval", "train"] = "train"
+    """BatchNorm mode of the attack forward: batch statistics (train) or running ones (eval).
+    Running statistics are never updated by the attack either way."""
+    seed: int = 1234
+    """Seed of the attack's own random stream (random start, targets, dropout in the attack)."""
+    attacker_ranks: Optional[Union[int, list[int]]] = None
+    """split schedule only: how many (or which) ranks attack instead of train."""
+
+    @field_validator("staleness", "steps", "seed")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("epsilon", "step_size")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("clean_start_prob")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    @field_validator("adv_weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+    @field_validator("clip_range")
+    @classmethod
+    def _range(cls, v):
+        if v is not None and not v[0] < v[1]:
+            raise ValueError("must be [lo, hi] with lo < hi, or null")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ConAdvConfig":
+        if self.steps < 1:
+            raise _FieldError("steps", self.steps, "must be >= 1")
+        if self.schedule in ("conadv", "split") and self.staleness < 1:
+            raise _FieldError("staleness", self.staleness,
+                              f"must be >= 1 for schedule '{self.schedule}' (staleness 0 is schedule 'disadv')")
+        if self.stale_weights == "lookahead" and self.schedule == "conadv" and self.staleness != 1:
+            raise _FieldError("stale_weights", "lookahead",
+                              f"needs staleness 1 (got {self.staleness}); use 'snapshot' or 'auto'")
+        if self.space == "embedding" and "clip_range" not in self.model_fields_set:
+            object.__setattr__(self, "clip_range", None)
+        if self.schedule != "split" and self.attacker_ranks is not None:
+            raise _FieldError("attacker_ranks", self.attacker_ranks, "is only valid with schedule 'split'")
+        return self
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether training batches get a perturbed half."""
+        return self.enabled and self.schedule != "clean"
+
+    @property
+    def uses_lookahead(self) -> bool:
+        return (self.adversarial and self.schedule == "conadv" and self.staleness == 1
+                and self.stale_weights in ("auto", "lookahead"))
+
+
+class _FieldError(ValueError):
+    """A cross-field check failure that names its own field."""
+
+    def __init__(self, field: str, value: Any, rule: str):
+        super().__init__(rule)
+        self.field, self.value, self.rule = field, value, rule
+
+
+def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> ConfigError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    field = f"{prefix}.{loc}" if loc else prefix
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(model.model_fields)
+        return ConfigError(f"{field}: unknown key{did_you_mean(str(first['loc'][-1]), model.model_fields)}; "
+                           f"allowed: {allowed}")
+    ctx_err = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        return ConfigError(f"{prefix}.{ctx_err.field}={ctx_err.value!r}: {ctx_err.rule}")
+    msg = first["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{field}={value!r}: {msg}")
+
+
+def parse_conadv(block: Any) -> ConAdvConfig:
+    """Validate a `conadv` block (dict, or None for "no block": disabled)."""
+    if block is None:
+        return ConAdvConfig(enabled=False)
+    if not isinstance(block, dict):
+        raise ConfigError(f"{CONADV_KEY}={block!r}: must be a JSON object")
+    try:
+        return ConAdvConfig.model_validate(block)
+    except ValidationError as e:
+        raise _one_line(e, CONADV_KEY, ConAdvConfig) from None
+
+
+def load_json(config: Union[str, Path, dict]) -> dict:
+    """Read a DeepSpeed JSON (path or dict) with one-line errors for missing or malformed files."""
+    if isinstance(config, dict):
+        return json.loads(json.dumps(config))  # a private deep copy
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r}: not found")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _positive_int(ds: dict, key: str) -> Optional[int]:
+    if key not in ds or ds[key] is None or ds[key] == "auto":
+        return None
+    v = ds[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{key}={v!r}: must be a positive integer")
+    return v
+
+
+def resolve_batch(ds: dict, world_size: int) -> tuple[int, int, int]:
+    """(train_batch_size, micro_batch_per_rank, gradient_accumulation_steps) for a world size.
+
+    Follows DeepSpeed's rule train_batch_size = micro × accumulation × world_size, deriving the
+    missing one(s), and says which field breaks it.
+    """
+    tb = _positive_int(ds, "train_batch_size")
+    mb = _positive_int(ds, "train_micro_batch_size_per_gpu")
+    gas = _positive_int(ds, "gradient_accumulation_steps")
+    ws = world_size
+    if tb is None and mb is None:
+        raise ConfigError("train_batch_size: missing; set train_batch_size and/or train_micro_batch_size_per_gpu")
+    if tb is not None and mb is not None and gas is not None:
+        if tb != mb * gas * ws:
+            raise ConfigError(f"train_batch_size={tb}: must equal train_micro_batch_size_per_gpu ({mb}) × "
+                              f"gradient_accumulation_steps ({gas}) × world size ({ws}) = {mb * gas * ws}")
+    elif tb is not None and mb is not None:
+        if tb % (mb * ws):
+            raise ConfigError(f"train_batch_size={tb}: not divisible by train_micro_batch_size_per_gpu ({mb}) × "
+                              f"world size ({ws}); allowed: multiples of {mb * ws}")
+        gas = tb // (mb * ws)
+    elif tb is not None:
+        gas = gas or 1
+        if tb % (gas * ws):
+            raise ConfigError(f"train_batch_size={tb}: not divisible by gradient_accumulation_steps ({gas}) × "
+                              f"world size ({ws}); allowed: multiples of {gas * ws}")
+        mb = tb // (gas * ws)
+    else:
+        gas = gas or 1
+        tb = mb * gas * ws
+    return tb, mb, gas
+
+
+def check_deepspeed(ds: dict, world_size: int) -> tuple[int, int, int]:
+    """Checks on DeepSpeed's own keys that DeepSpeed makes late, cryptically or never."""
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"zero_optimization={zero!r}: must be a JSON object")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={stage!r}: allowed: 0, 1, 2, 3")
+    for key in ("fp16", "bf16"):
+        block = ds.get(key, {})
+        if not isinstance(block, dict):
+            raise ConfigError(f"{key}={block!r}: must be a JSON object like {{\"enabled\": true}}")
+    if ds.get("fp16", {}).get("enabled") is True and ds.get("bf16", {}).get("enabled") is True:
+        raise ConfigError("fp16.enabled=true and bf16.enabled=true: choose at most one")
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ConfigError(f"gradient_clipping={clip!r}: must be a number >= 0")
+    return resolve_batch(ds, world_size)
+
+
+def split_config(config: Union[str, Path, dict], world_size: int) -> tuple[dict, ConAdvConfig]:
+    """Load and validate a DeepSpeed JSON: (the dict for DeepSpeed, the conadv block)."""
+    ds = load_json(config)
+    conadv = parse_conadv(ds.pop(CONADV_KEY, None))
+    check_deepspeed(ds, world_size)
+    return ds, conadv

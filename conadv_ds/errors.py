@@ -1,0 +1,20 @@
+"""The one error type users see for bad configuration or input."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class ConfigError(ValueError):
+    """A bad config value, path or layout.
+
+    The message is one line: the field (or file), the bad value and what is allowed, so that
+    launchers and recipes can print it without a traceback.
+    """
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean X?)' suffix for a misspelt `name`, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

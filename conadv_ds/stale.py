@@ -1,0 +1,116 @@
+"""Old weights for the attack, kept as each rank's own shard and swapped in for a forward.
+
+A snapshot holds exactly what a rank stores of the live weights: the full model under ZeRO-0,
+the rank's flat partition under ZeRO-1/2, the `ds_tensor` shards under ZeRO-3. `swapped`
+puts a snapshot in place for the attack forward and restores the live weights afterwards;
+optimizer state, gradients and master weights are never touched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+Snapshot = list[Tensor]
+
+
+class _Replicated:
+    """ZeRO-0: every rank holds the whole model, so the snapshot is a full copy."""
+
+    def __init__(self, engine):
+        self.params = [p for p in engine.module.parameters()]
+
+    def capture(self) -> Snapshot:
+        return [p.detach().clone() for p in self.params]
+
+    @contextmanager
+    def swapped(self, snap: Snapshot) -> Iterator[None]:
+        live = [p.data for p in self.params]
+        for p, s in zip(self.params, snap):
+            p.data = s
+        try:
+            yield
+        finally:
+            for p, t in zip(self.params, live):
+                p.data = t
+
+
+class _FlatPartitions:
+    """ZeRO-1/2: a rank owns one flat slice per parameter group; the model's (low-precision)
+    weights are views of the all-gathered flat buffers."""
+
+    def __init__(self, engine):
+        self.opt = engine.optimizer
+
+    def _own(self) -> list[Tensor]:
+        from deepspeed import comm as dist
+
+        return [parts[dist.get_rank(group=self.opt.real_dp_process_group[i])]
+                for i, parts in enumerate(self.opt.parallel_partitioned_bit16_groups)]
+
+    def capture(self) -> Snapshot:
+        return [t.detach().clone() for t in self._own()]
+
+    @contextmanager
+    def swapped(self, snap: Snapshot) -> Iterator[None]:
+        from deepspeed.runtime.utils import all_gather_dp_groups
+
+        with torch.no_grad():
+            for own, s in zip(self._own(), snap):
+                own.copy_(s)
+        all_gather_dp_groups(groups_flat=self.opt.bit16_groups_flat,
+                             partitioned_param_groups=self.opt.parallel_partitioned_bit16_groups,
+                             dp_process_group=self.opt.real_dp_process_group,
+                             start_alignment_factor=self.opt.nccl_start_alignment_factor,
+                             allgather_bucket_size=self.opt.allgather_bucket_size)
+        try:
+            yield
+        finally:
+            self.opt.update_lp_params()  # the live weights, re-derived from the fp32 master partitions
+
+
+class _Zero3Shards:
+    """ZeRO-3: each parameter's shard is `p.ds_tensor`; the full tensor exists only while a
+    module runs, except persistent (small) parameters, which ZeRO-3 keeps gathered. All
+    parameters are released before and after the swap, and persistent ones re-gathered from
+    the live shards, as DeepSpeed does after an optimizer step."""
+
+    def __init__(self, engine):
+        self.params = [p for p in engine.module.parameters()]
+        self.offload = engine.optimizer.parameter_offload
+        self.persistent = engine.optimizer.persistent_parameters
+
+    def capture(self) -> Snapshot:
+        return [p.ds_tensor.detach().clone() for p in self.params]
+
+    @contextmanager
+    def swapped(self, snap: Snapshot) -> Iterator[None]:
+        self.offload.partition_all_parameters()
+        live = [p.ds_tensor.data for p in self.params]
+        for p, s in zip(self.params, snap):
+            p.ds_tensor.data = s
+        try:
+            yield
+        finally:
+            self.offload.partition_all_parameters()
+            for p, t in zip(self.params, live):
+                p.ds_tensor.data = t
+            if self.persistent:
+                self.persistent[0].all_gather(self.persistent)
+
+
+def stale_weights_for(engine) -> _Replicated | _FlatPartitions | _Zero3Shards:
+    """The snapshot mechanism matching the engine's ZeRO stage."""
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        return _Replicated(engine)
+    if stage in (1, 2):
+        return _FlatPartitions(engine)
+    return _Zero3Shards(engine)
+
+
+def snapshot_bytes(snap: Snapshot) -> int:
+    return sum(t.numel() * t.element_size() for t in snap)

@@ -1,0 +1,240 @@
+"""PGD math, perturbation spaces, BatchNorm handling and the attack's random stream (one process)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conadv_ds.adversary import Adversary
+from conadv_ds.attacks import pgd, random_start, random_wrong_labels
+from conadv_ds.bn import adversarial_branch, attack_bn_mode, convert_aux_bn
+from conadv_ds.batch import default_loss
+from conadv_ds.config import ConAdvConfig
+from conadv_ds.perturb import EmbeddingSpace, PixelSpace
+from tests.common import make_model
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def linear_objective(w, y, sign=1.0):
+    def objective(delta, x):
+        return sign * F.cross_entropy((x + delta).flatten(1) @ w, y)
+    return objective
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("start_random", [True, False])
+def test_delta_stays_in_ball_and_range(norm, start_random):
+    torch.manual_seed(0)
+    x, y, w = torch.rand(16, 3, 8, 8), torch.randint(0, 5, (16,)), torch.randn(192, 5)
+    obj = linear_objective(w, y)
+    eps = 0.3 if norm == "linf" else 2.0
+    d = pgd(lambda d: obj(d, x), x, norm=norm, epsilon=eps, step_size=eps / 2, steps=5, start_random=start_random,
+            generator=gen(), clip_range=(0.0, 1.0))
+    if norm == "linf":
+        assert d.abs().max() <= eps + 1e-6
+        assert d.abs().max() > eps / 2  # it moved
+    else:
+        norms = d.flatten(1).norm(dim=1)
+        assert norms.max() <= eps + 1e-5 and norms.min() > eps / 4
+    assert (x + d).min() >= 0 and (x + d).max() <= 1
+    assert d.requires_grad is False
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_untargeted_attack_raises_the_loss(norm):
+    torch.manual_seed(1)
+    x, y, w = torch.rand(64, 10), torch.randint(0, 4, (64,)), torch.randn(10, 4)
+    obj = linear_objective(w, y)
+    d = pgd(lambda d: obj(d, x), x, norm=norm, epsilon=0.5, step_size=0.2, steps=3, start_random=False,
+            generator=gen())
+    assert obj(d, x) > obj(torch.zeros_like(x), x) + 0.05
+
+
+def test_targeted_attack_raises_target_probability():
+    torch.manual_seed(2)
+    x, y, w = torch.rand(64, 10), torch.randint(0, 4, (64,)), torch.randn(10, 4)
+    target = random_wrong_labels(y, 4, gen())
+    obj = linear_objective(w, target, sign=-1.0)  # ascend minus CE to target = descend CE to target
+    d = pgd(lambda d: obj(d, x), x, norm="linf", epsilon=0.3, step_size=0.1, steps=3, start_random=True,
+            generator=gen())
+    p_before = F.softmax(x @ w, 1).gather(1, target[:, None])
+    p_after = F.softmax((x + d) @ w, 1).gather(1, target[:, None])
+    assert (p_after > p_before).float().mean() > 0.9
+
+
+def test_random_wrong_labels():
+    y = torch.tensor([0, 1, 2, 3, -100, 9] * 50)
+    t = random_wrong_labels(y, 10, gen(3))
+    valid = y != -100
+    assert (t[valid] != y[valid]).all() and (t[~valid] == -100).all()
+    assert ((t >= 0) & (t < 10))[valid].all()
+    assert len(set(t[y == 0].tolist())) > 5  # drawn, not a fixed shift
+
+
+def test_l2_random_start_is_freelb_and_masked():
+    x = torch.zeros(4, 6, 8)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 6, [1] + [0] * 5]).unsqueeze(-1)
+    d = random_start(x, "l2", 1.0, gen(), mask)
+    assert (d * (1 - mask) == 0).all()
+    lengths = mask.sum(dim=(1, 2)).float()
+    bound = 1.0 / torch.sqrt(lengths * 8)  # U(-1,1)·ε/√(len·hidden)
+    assert (d.abs().amax(dim=(1, 2)) <= bound + 1e-7).all()
+    assert (d.flatten(1).norm(dim=1) <= 1.0).all()
+
+
+def test_masked_positions_never_move():
+    torch.manual_seed(4)
+    x = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).unsqueeze(-1)
+    obj = lambda d: ((x + d) ** 2).sum()  # noqa: E731
+    for norm in ("linf", "l2"):
+        d = pgd(obj, x, norm=norm, epsilon=0.5, step_size=0.3, steps=3, start_random=True, generator=gen(), mask=mask)
+        assert (d * (1 - mask) == 0).all() and (d * mask).abs().sum() > 0
+
+
+# -- BatchNorm -----------------------------------------------------------------------------------
+
+def test_aux_bn_keeps_keys_and_separates_statistics():
+    model = make_model()
+    keys = set(model.state_dict())
+    convert_aux_bn(model)
+    new_keys = set(model.state_dict())
+    assert keys < new_keys and all(".aux." in k for k in new_keys - keys)
+    x = torch.rand(8, 1, 8, 8)
+    main0, aux0 = model.bn1.running_mean.clone(), model.bn1.aux.running_mean.clone()
+    with adversarial_branch(model):
+        model(x)
+    assert torch.equal(model.bn1.running_mean, main0) and not torch.equal(model.bn1.aux.running_mean, aux0)
+    aux1 = model.bn1.aux.running_mean.clone()
+    model(x)
+    assert not torch.equal(model.bn1.running_mean, main0) and torch.equal(model.bn1.aux.running_mean, aux1)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_attack_bn_mode_restores_statistics_and_mode(mode):
+    model = make_model().train()
+    x = torch.rand(8, 1, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with attack_bn_mode(model, mode):
+        assert model.bn1.training == (mode == "train")
+        out = model(x)
+    assert model.bn1.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    ref = model(x)
+    assert torch.allclose(out, ref) == (mode == "eval")
+
+
+# -- the adversary ---------------------------------------------------------------------------------
+
+def adversary(model, **cfg):
+    return Adversary(model, PixelSpace(), ConAdvConfig(**cfg), default_loss, rank=0)
+
+
+def test_attack_stream_is_private_and_reproducible():
+    model = make_model().train()
+    batch = (torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    adv = adversary(model, clean_start_prob=0.0, epsilon=0.1, step_size=0.05)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    d1 = adv(batch, step=5, micro=0)
+    assert torch.equal(torch.get_rng_state(), state)  # the training RNG did not move
+    torch.manual_seed(999)
+    assert torch.equal(adv(batch, step=5, micro=0), d1)  # independent of the global stream
+    assert not torch.equal(adv(batch, step=6, micro=0), d1)
+    assert not torch.equal(adv(batch, step=5, micro=1), d1)
+    assert not torch.equal(Adversary(model, PixelSpace(), adv.cfg, default_loss, rank=1)(batch, 5, 0), d1)
+
+
+def test_clean_start_probability_is_one_draw_per_batch():
+    model = make_model().train()
+    batch = (torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    # One step of 0.05 from δ=0 puts every coordinate at ±0.05 (or 0); from a random start
+    # in [-0.1, 0.1] almost none lands there.
+    adv = adversary(model, clean_start_prob=0.5, epsilon=0.1, step_size=0.05, clip_range=None)
+    clean = []
+    for step in range(40):
+        d = adv(batch, step=step, micro=0)
+        on_grid = torch.isclose(d.abs(), torch.tensor(0.05)) | (d == 0)
+        clean.append(bool(on_grid.all()))
+        assert on_grid.all() or (~on_grid).float().mean() > 0.9  # whole batch or nothing
+    assert 8 <= sum(clean) <= 32
+
+
+def test_default_targeted_attack_lowers_accuracy_on_a_trained_model():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x[:1024]), y[:1024]).backward()
+        opt.step()
+    model.eval()
+    xt, yt = x[1024:], y[1024:]
+    clean_acc = (model(xt).argmax(1) == yt).float().mean()
+    adv = adversary(model, epsilon=0.15, step_size=0.05, steps=5, attack_bn="eval")
+    delta = adv((xt, yt), step=0, micro=0)
+    adv_acc = (model(xt + delta).argmax(1) == yt).float().mean()
+    assert clean_acc > 0.85 and adv_acc < clean_acc - 0.2
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.3)
+    return BertForMaskedLM(cfg)
+
+
+def test_embedding_space_never_perturbs_padding_and_keeps_training_rng():
+    model = tiny_bert().train()
+    ids = torch.randint(5, 50, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 2:] = 0
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
+    labels[:, 0] = ids[:, 0]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for norm, targeted in [("l2", False), ("linf", True)]:
+        adv = Adversary(model, EmbeddingSpace().bind(model),
+                        ConAdvConfig(space="embedding", norm=norm, targeted=targeted, epsilon=1.0, step_size=0.5,
+                                     steps=2, clean_start_prob=0.0), default_loss, rank=0)
+        torch.manual_seed(7)
+        state = torch.get_rng_state()
+        d = adv(batch, step=0, micro=0)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert d.shape == (3, 10, 16)
+        assert (d[mask == 0] == 0).all() and (d[mask == 1].abs().sum(-1) > 0).all()
+        if norm == "l2":
+            assert (d.flatten(1).norm(dim=1) <= 1.0 + 1e-5).all()
+    # The perturbed forward feeds inputs_embeds = embedding(ids) + δ.
+    model.eval()
+    out = EmbeddingSpace().bind(model).forward(model, batch, d)
+    ref = model(inputs_embeds=model.get_input_embeddings()(ids) + d, attention_mask=mask, labels=labels)
+    assert torch.allclose(out.logits, ref.logits)
+    assert not torch.allclose(out.logits, model(**batch).logits)
+
+
+def test_embedding_space_needs_input_embeddings():
+    from conadv_ds.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="conadv.space='embedding'.*SmallCNN"):
+        EmbeddingSpace().bind(make_model())
+
+
+def test_official_defaults():
+    c = ConAdvConfig()
+    assert c.norm == "linf" and math.isclose(c.epsilon, 9 / 255) and math.isclose(c.step_size, 9 / 255)
+    assert c.steps == 1 and c.targeted and c.clean_start_prob == 0.2 and c.staleness == 1
+    assert c.schedule == "conadv" and c.clip_range == (0.0, 1.0) and c.uses_lookahead
+    assert ConAdvConfig(space="embedding").clip_range is None

@@ -1,0 +1,98 @@
+"""The `conadv` block and the DeepSpeed checks: every error is one line naming field and value."""
+
+import json
+
+import pytest
+
+from conadv_ds.config import ConAdvConfig, resolve_batch, split_config
+from conadv_ds.errors import ConfigError
+
+BASE = {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+
+BAD = [
+    # (conadv block or full-config patch, world size, expected text in the message)
+    ({"conadv": {"epsilom": 0.1}}, 2, "conadv.epsilom: unknown key (did you mean 'epsilon'?)"),
+    ({"conadv": {"shedule": "conadv"}}, 2, "did you mean 'schedule'"),
+    ({"conadv": {"schedule": "fast"}}, 2, "conadv.schedule='fast'"),
+    ({"conadv": {"space": "latent"}}, 2, "conadv.space='latent'"),
+    ({"conadv": {"norm": "l1"}}, 2, "conadv.norm='l1'"),
+    ({"conadv": {"epsilon": -0.1}}, 2, "conadv.epsilon=-0.1: must be > 0"),
+    ({"conadv": {"epsilon": "big"}}, 2, "conadv.epsilon='big'"),
+    ({"conadv": {"step_size": 0}}, 2, "conadv.step_size=0: must be > 0"),
+    ({"conadv": {"steps": 0}}, 2, "conadv.steps=0: must be >= 1"),
+    ({"conadv": {"steps": 1.5}}, 2, "conadv.steps=1.5"),
+    ({"conadv": {"staleness": 0}}, 2, "conadv.staleness=0: must be >= 1 for schedule 'conadv'"),
+    ({"conadv": {"staleness": -1, "schedule": "disadv"}}, 2, "conadv.staleness=-1: must be >= 0"),
+    ({"conadv": {"staleness": 2, "stale_weights": "lookahead"}}, 2, "conadv.stale_weights='lookahead'"),
+    ({"conadv": {"stale_weights": "copy"}}, 2, "conadv.stale_weights='copy'"),
+    ({"conadv": {"clean_start_prob": 1.2}}, 2, "conadv.clean_start_prob=1.2: must be in [0, 1]"),
+    ({"conadv": {"adv_weight": 0}}, 2, "conadv.adv_weight=0: must be in (0, 1]"),
+    ({"conadv": {"adv_weight": 1.5}}, 2, "conadv.adv_weight=1.5"),
+    ({"conadv": {"clip_range": [1, 0]}}, 2, "conadv.clip_range"),
+    ({"conadv": {"clip_range": [0, 1, 2]}}, 2, "conadv.clip_range"),
+    ({"conadv": {"attack_bn": "frozen"}}, 2, "conadv.attack_bn='frozen'"),
+    ({"conadv": {"aux_bn": "maybe"}}, 2, "conadv.aux_bn='maybe'"),
+    ({"conadv": {"targeted": "yes please"}}, 2, "conadv.targeted="),
+    ({"conadv": {"attacker_ranks": 1}}, 2, "conadv.attacker_ranks=1: is only valid with schedule 'split'"),
+    ({"conadv": [1, 2]}, 2, "conadv=[1, 2]: must be a JSON object"),
+    ({"train_batch_size": 30}, 2, "train_batch_size=30: not divisible by train_micro_batch_size_per_gpu (8) × world size (2)"),
+    ({"train_batch_size": 64, "gradient_accumulation_steps": 3}, 2, "train_batch_size=64: must equal"),
+    ({"train_batch_size": -4}, 2, "train_batch_size=-4: must be a positive integer"),
+    ({"train_micro_batch_size_per_gpu": "8"}, 2, "train_micro_batch_size_per_gpu='8'"),
+    ({"train_batch_size": None, "train_micro_batch_size_per_gpu": None}, 2, "train_batch_size: missing"),
+    ({"zero_optimization": {"stage": 4}}, 2, "zero_optimization.stage=4: allowed: 0, 1, 2, 3"),
+    ({"zero_optimization": 3}, 2, "zero_optimization=3: must be a JSON object"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, 2, "fp16.enabled=true and bf16.enabled=true"),
+    ({"bf16": True}, 2, "bf16=True: must be a JSON object"),
+    ({"gradient_clipping": -1}, 2, "gradient_clipping=-1: must be a number >= 0"),
+    ({"train_batch_size": 32}, 3, "not divisible by train_micro_batch_size_per_gpu (8) × world size (3)"),
+]
+
+
+@pytest.mark.parametrize("patch,world,expected", BAD)
+def test_bad_config_is_one_clear_line(patch, world, expected):
+    cfg = {**BASE, **patch}
+    with pytest.raises(ConfigError) as e:
+        split_config(cfg, world)
+    msg = str(e.value)
+    assert expected in msg, msg
+    assert "\n" not in msg
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*missing.json': not found"):
+        split_config(tmp_path / "missing.json", 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": 8,\n "conadv": {')
+    with pytest.raises(ConfigError, match=r"bad.json': invalid JSON at line 2 column"):
+        split_config(bad, 1)
+    arr = tmp_path / "arr.json"
+    arr.write_text("[1]")
+    with pytest.raises(ConfigError, match="top level must be a JSON object, got list"):
+        split_config(arr, 1)
+
+
+def test_block_is_removed_and_parsed(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**BASE, "conadv": {"schedule": "disadv", "epsilon": 0.5}}))
+    ds, cfg = split_config(path, 2)
+    assert "conadv" not in ds and ds["train_batch_size"] == 32
+    assert cfg.schedule == "disadv" and cfg.epsilon == 0.5 and cfg.enabled
+    assert not split_config(BASE, 2)[1].enabled  # no block: plain DeepSpeed
+    assert not split_config({**BASE, "conadv": {"enabled": False}}, 2)[1].adversarial
+
+
+@pytest.mark.parametrize("fields,world,expected", [
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}, 2, (64, 8, 4)),
+    ({"train_batch_size": 64}, 4, (64, 16, 1)),
+    ({"train_batch_size": 64, "gradient_accumulation_steps": 2}, 4, (64, 8, 2)),
+    ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 3}, 2, (48, 8, 3)),
+    ({"train_batch_size": 98304, "train_micro_batch_size_per_gpu": 64}, 512, (98304, 64, 3)),
+])
+def test_batch_arithmetic(fields, world, expected):
+    assert resolve_batch(fields, world) == expected
+
+
+def test_config_is_immutable():
+    with pytest.raises(Exception):
+        ConAdvConfig().epsilon = 1.0

@@ -1,0 +1,107 @@
+"""Runs on 2 CPU ranks: trains the small CNN under every ZeRO stage and schedule with
+conadv_ds and with raw DeepSpeed, and saves final weights and the δ each rank used."""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+
+import conadv_ds  # noqa: E402
+from tests.common import DETERMINISTIC, ds_config, digits_batches, make_model, rank_slice  # noqa: E402
+
+STEPS = 4
+
+
+def full_params(module) -> list[torch.Tensor]:
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        return [p.detach().clone().float() for p in params]
+
+
+def run_ours(stage, conadv, gas=1, zero=None, record=False):
+    model = make_model()
+    engine, *_ = conadv_ds.initialize(model=model, config=ds_config(stage, gas, conadv, **(zero or {})))
+    rank = engine.global_rank
+    deltas = {}
+    if record and hasattr(engine.schedule, "attack"):
+        attack = engine.schedule.attack
+
+        def recording(batch, step, micro):
+            d = attack(batch, step, micro)
+            deltas[step, micro] = d.clone()
+            return d
+
+        engine.schedule.attack = recording
+    data = iter([rank_slice(mb, rank) for step in digits_batches(STEPS, gas) for mb in step])
+    metrics = [engine.train_batch(data) for _ in range(STEPS)]
+    return {"params": full_params(engine.module), "deltas": deltas, "metrics": metrics,
+            "stale_bytes": engine.stale_bytes(),
+            "model_bytes": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                               for p in engine.module.parameters()) * 4}
+
+
+def run_raw(stage, gas=1):
+    model = make_model()
+    cfg = ds_config(stage, gas)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    rank = engine.global_rank
+    for step in digits_batches(STEPS, gas):
+        for mb in step:
+            x, y = rank_slice(mb, rank)
+            loss = F.cross_entropy(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+    return {"params": full_params(engine.module)}
+
+
+def grads_untouched(stage):
+    """Backward on one micro-batch (no boundary), attack, and compare the parameter grads."""
+    model = make_model()
+    engine, *_ = conadv_ds.initialize(model=model, config=ds_config(stage, 2, {"schedule": "disadv", **DETERMINISTIC}))
+    x, y = rank_slice(digits_batches(1)[0][0], engine.global_rank)
+    engine.backward(F.cross_entropy(engine(x), y))
+    before = [p.grad.clone() for p in engine.module.parameters()]
+    engine.schedule.attack((x, y), 0, 0)
+    after = [p.grad.clone() for p in engine.module.parameters()]
+    return all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = {}
+    for stage in (0, 1, 2, 3):
+        results[f"raw/z{stage}"] = run_raw(stage)
+        results[f"off/z{stage}"] = run_ours(stage, {"enabled": False})
+        results[f"noblock/z{stage}"] = run_ours(stage, None)
+        results[f"disadv/z{stage}"] = run_ours(stage, {"schedule": "disadv", **DETERMINISTIC}, record=True)
+        results[f"lookahead1/z{stage}"] = run_ours(stage, {"schedule": "conadv", "staleness": 1, **DETERMINISTIC},
+                                                   record=True)
+        results[f"snapshot1/z{stage}"] = run_ours(stage, {"schedule": "conadv", "staleness": 1,
+                                                          "stale_weights": "snapshot", **DETERMINISTIC}, record=True)
+        results[f"snapshot2/z{stage}"] = run_ours(stage, {"schedule": "conadv", "staleness": 2, **DETERMINISTIC},
+                                                  record=True)
+    results["snapshot2/z3/persist0"] = run_ours(
+        3, {"schedule": "conadv", "staleness": 2, **DETERMINISTIC}, zero={"stage3_param_persistence_threshold": 0},
+        record=True)
+    results["lookahead1/z2/gas2"] = run_ours(2, {"schedule": "conadv", "staleness": 1, **DETERMINISTIC}, gas=2,
+                                             record=True)
+    results["snapshot1/z3/gas2"] = run_ours(3, {"schedule": "conadv", "staleness": 1, "stale_weights": "snapshot",
+                                                **DETERMINISTIC}, gas=2, record=True)
+    results["raw/z0/gas2"] = run_raw(0, gas=2)
+    results["off/z3/gas2"] = run_ours(3, None, gas=2)
+    results["grads_untouched/z0"] = grads_untouched(0)
+    results["grads_untouched/z1"] = grads_untouched(1)
+    rank = torch.distributed.get_rank()
+    torch.save(results, f"{args.out}.rank{rank}")
+
+
+if __name__ == "__main__":
+    main()
