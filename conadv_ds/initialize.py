@@ -15,6 +15,7 @@ from .batch import LossFn
 from .bn import convert_aux_bn, has_aux_bn
 from .config import parse_conadv, split_config
 from .engine import ConAdvEngine
+from .errors import ConfigError
 from .perturb import EmbeddingSpace, PixelSpace, make_space
 
 
@@ -25,6 +26,19 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_precision(ds_config: dict, model: nn.Module) -> None:
+    """DeepSpeed casts parameters but not buffers to fp16/bf16, so BatchNorm would fail at the first
+    forward with a dtype mismatch unless the buffers are cast too."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for mode in ("bf16", "fp16"):
+        if ds_config.get(mode, {}).get("enabled") is True and any(isinstance(m, _BatchNorm) for m in model.modules()):
+            buffer_dtype = ds_config.get("data_types", {}).get("buffer_dtype")
+            if buffer_dtype is None:
+                raise ConfigError(f"{mode}.enabled=true with BatchNorm layers in the model: DeepSpeed keeps buffers "
+                                  f"in fp32; set \"data_types\": {{\"buffer_dtype\": \"{mode}\"}}")
 
 
 def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parameters: Any = None,
@@ -53,6 +67,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parame
     ds_config, cfg = split_config(config, ws)
     if conadv:
         cfg = parse_conadv({**cfg.model_dump(exclude_unset=True), **conadv})
+    _check_precision(ds_config, model)
     space = (perturb or make_space(cfg.space)).bind(model) if cfg.adversarial else perturb
     if cfg.adversarial and cfg.aux_bn and not has_aux_bn(model):
         convert_aux_bn(model)

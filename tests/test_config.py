@@ -96,3 +96,20 @@ def test_batch_arithmetic(fields, world, expected):
 def test_config_is_immutable():
     with pytest.raises(Exception):
         ConAdvConfig().epsilon = 1.0
+
+
+def test_half_precision_batchnorm_needs_buffer_dtype():
+    import conadv_ds
+    from tests.common import make_model
+
+    with pytest.raises(ConfigError, match=r'bf16.enabled=true with BatchNorm.*"buffer_dtype": "bf16"'):
+        conadv_ds.initialize(model=make_model(), config={**BASE, "train_batch_size": 8, "bf16": {"enabled": True}})
+
+
+def test_embedding_space_on_a_model_without_embeddings_fails_before_deepspeed():
+    import conadv_ds
+    from tests.common import make_model
+
+    with pytest.raises(ConfigError, match="conadv.space='embedding': model SmallCNN has no get_input_embeddings"):
+        conadv_ds.initialize(model=make_model(), config={**BASE, "train_batch_size": 8,
+                                                         "conadv": {"space": "embedding"}})

@@ -119,3 +119,33 @@ def test_metrics_reported(runs):
                 assert m["lr"] == pytest.approx(0.05) and m["samples_per_sec"] > 0
         assert runs[0][case]["metrics"][-1]["loss"] == runs[1][case]["metrics"][-1]["loss"]
     assert "adv_loss" not in runs[0]["off/z0"]["metrics"][0]
+
+
+@pytest.mark.parametrize("lookahead,snapshot", [
+    *[(f"lookahead1/z{s}/bf16", f"snapshot1/z{s}/bf16") for s in (0, 2, 3)],
+    *[(f"bert/lookahead/z{s}", f"bert/snapshot/z{s}") for s in (0, 2, 3)],
+    *[(f"auxbn/lookahead/z{s}", f"auxbn/snapshot/z{s}") for s in (0, 3)],
+])
+def test_lookahead_equals_snapshot_in_bf16_text_and_aux_bn(runs, lookahead, snapshot):
+    """Same trajectory from both stale-weight mechanisms, in bf16, for a BERT with dropout
+    (the attack must not shift the dropout stream) and with auxiliary BatchNorm."""
+    la, sn = runs[0][lookahead]["params"], runs[0][snapshot]["params"]
+    assert all(torch.equal(a, b) for a, b in zip(la, sn))
+
+
+@pytest.mark.parametrize("family", ["bf16", "bert"])
+def test_sharded_stages_follow_zero0(runs, family):
+    tol = {"bf16": 2e-2, "bert": 1e-5}[family]
+    for stage in (2, 3):
+        name = f"lookahead1/z{{}}/bf16" if family == "bf16" else "bert/lookahead/z{}"
+        assert max_diff(runs[0][name.format(stage)]["params"], runs[0][name.format(0)]["params"]) < tol
+
+
+def test_aux_bn_changes_training(runs):
+    """The auxiliary branch is really used: its trajectory differs from shared BatchNorm."""
+    assert max_diff(runs[0]["auxbn/lookahead/z0"]["params"][:4], runs[0]["lookahead1/z0"]["params"][:4]) > 1e-6
+
+
+def test_bert_reports_adversarial_mlm_loss(runs):
+    for m in runs[0]["bert/lookahead/z3"]["metrics"]:
+        assert m["adv_loss"] > m["clean_loss"] > 0

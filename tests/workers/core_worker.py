@@ -24,9 +24,10 @@ def full_params(module) -> list[torch.Tensor]:
         return [p.detach().clone().float() for p in params]
 
 
-def run_ours(stage, conadv, gas=1, zero=None, record=False):
+def run_ours(stage, conadv, gas=1, zero=None, record=False, extra=None):
     model = make_model()
-    engine, *_ = conadv_ds.initialize(model=model, config=ds_config(stage, gas, conadv, **(zero or {})))
+    engine, *_ = conadv_ds.initialize(model=model, config={**ds_config(stage, gas, conadv, **(zero or {})),
+                                                           **(extra or {})})
     rank = engine.global_rank
     deltas = {}
     if record and hasattr(engine.schedule, "attack"):
@@ -58,6 +59,30 @@ def run_raw(stage, gas=1):
             engine.backward(loss)
             engine.step()
     return {"params": full_params(engine.module)}
+
+
+def run_bert(stage, conadv):
+    """Tiny BertForMaskedLM with dropout, embedding-space attack, dict batches."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.2))
+    cfg = ds_config(stage, 1, {"space": "embedding", "norm": "l2", "epsilon": 1.0, "step_size": 0.5, "steps": 2,
+                               "targeted": False, **conadv})
+    engine, *_ = conadv_ds.initialize(model=model, config=cfg)
+    g = torch.Generator().manual_seed(100 + engine.global_rank)
+    batches = []
+    for _ in range(STEPS):
+        ids = torch.randint(4, 64, (8, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[::2, 8:] = 0
+        labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, torch.full_like(ids, -100))
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels.masked_fill(mask == 0, -100)})
+    torch.manual_seed(7)  # the training RNG (dropout); the attack must not advance it
+    data = iter(batches)
+    metrics = [engine.train_batch(data) for _ in range(STEPS)]
+    return {"params": full_params(engine.module), "metrics": metrics}
 
 
 def grads_untouched(stage):
@@ -97,6 +122,16 @@ def main():
                                                 **DETERMINISTIC}, gas=2, record=True)
     results["raw/z0/gas2"] = run_raw(0, gas=2)
     results["off/z3/gas2"] = run_ours(3, None, gas=2)
+    bf16 = {"bf16": {"enabled": True}, "data_types": {"buffer_dtype": "bf16"}}
+    la, sn = {"schedule": "conadv", "staleness": 1, **DETERMINISTIC}, {"stale_weights": "snapshot"}
+    for stage in (0, 2, 3):
+        results[f"lookahead1/z{stage}/bf16"] = run_ours(stage, la, extra=bf16)
+        results[f"snapshot1/z{stage}/bf16"] = run_ours(stage, {**la, **sn}, extra=bf16)
+        results[f"bert/lookahead/z{stage}"] = run_bert(stage, {"staleness": 1})
+        results[f"bert/snapshot/z{stage}"] = run_bert(stage, {"staleness": 1, "stale_weights": "snapshot"})
+    for stage in (0, 3):
+        results[f"auxbn/lookahead/z{stage}"] = run_ours(stage, {**la, "aux_bn": True})
+        results[f"auxbn/snapshot/z{stage}"] = run_ours(stage, {**la, **sn, "aux_bn": True})
     results["grads_untouched/z0"] = grads_untouched(0)
     results["grads_untouched/z1"] = grads_untouched(1)
     rank = torch.distributed.get_rank()
