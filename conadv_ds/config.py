@@ -59,10 +59,13 @@ class ConAdvConfig(BaseModel):
     Running statistics are never updated by the attack either way."""
     seed: int = 1234
     """Seed of the attack's own random stream (random start, targets, dropout in the attack)."""
+    max_nonfinite_steps: int = 3
+    """Abort after this many consecutive steps with a NaN/inf loss (fp32/bf16; fp16 overflow is
+    DeepSpeed's loss scaler's business); 0 never aborts."""
     attacker_ranks: Optional[Union[int, list[int]]] = None
     """split schedule only: how many (or which) ranks attack instead of train."""
 
-    @field_validator("staleness", "steps", "seed")
+    @field_validator("staleness", "steps", "seed", "max_nonfinite_steps")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:

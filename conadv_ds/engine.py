@@ -10,13 +10,16 @@ wrapper (`engine.module`, `engine.save_checkpoint`, `engine.global_steps`, ...).
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import batch as B
+from . import checkpoint as ckpt
 from .adversary import Adversary
 from .bn import adversarial_branch
 from .config import ConAdvConfig
@@ -38,6 +41,10 @@ class ConAdvEngine:
         self._float_dtype = _compute_dtype(engine)
         self._iter: Optional[Iterator] = None
         self.schedule = self._make_schedule()
+        self.micro_batches_pulled = 0
+        """Micro-batches drawn from data iterators so far (lookahead draws one step ahead); a
+        resumed run skips this many to continue the data stream where it stopped."""
+        self._nonfinite = 0
 
     def _make_schedule(self):
         cfg = self.conadv
@@ -70,6 +77,7 @@ class ConAdvEngine:
         out = []
         for _ in range(self.ds.gradient_accumulation_steps()):
             b = next(data_iter)
+            self.micro_batches_pulled += 1
             B.check(b)
             out.append(B.to_device(b, self.ds.device, self._float_dtype))
         return out
@@ -116,7 +124,19 @@ class ConAdvEngine:
             sums[0] += float(loss.detach())
             self.ds.backward(loss)
             self.ds.step()
-        return self._metrics(sums, len(prepared), any(d is not None for _, d in prepared), start)
+        metrics = self._metrics(sums, len(prepared), any(d is not None for _, d in prepared), start)
+        self._check_finite(metrics["loss"])
+        return metrics
+
+    def _check_finite(self, loss: float) -> None:
+        limit = self.conadv.max_nonfinite_steps
+        if self.ds.fp16_enabled() or limit == 0:
+            return
+        self._nonfinite = 0 if math.isfinite(loss) else self._nonfinite + 1
+        if self._nonfinite >= limit:
+            raise FloatingPointError(f"loss is {loss} for {self._nonfinite} consecutive steps (up to step "
+                                     f"{self.ds.global_steps}); stopping (conadv.max_nonfinite_steps={limit}). "
+                                     "Lower the learning rate or check the data.")
 
     def _metrics(self, sums: Tensor, n_micro: int, adversarial: bool, start: float) -> dict[str, float]:
         from deepspeed import comm as dist
@@ -138,10 +158,46 @@ class ConAdvEngine:
         m["samples_per_sec"] = self.ds.train_batch_size() / max(time.perf_counter() - start, 1e-9)
         return m
 
-    def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: Optional[dict] = None, **kwargs: Any):
-        """DeepSpeed's checkpoint, with the effective `conadv` block stored in its client state."""
-        state = {**(client_state or {}), "conadv": self.conadv.model_dump()}
-        return self.ds.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+    # -- checkpoints --------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.ds.global_steps, "micro_batches_pulled": self.micro_batches_pulled,
+                "schedule": self.schedule.state_dict(), "rng": ckpt.rng_state(), "nonfinite": self._nonfinite,
+                "conadv": self.conadv.model_dump()}
+
+    def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: Optional[dict] = None,
+                        save_latest: bool = True, **kwargs: Any) -> bool:
+        """DeepSpeed's checkpoint plus this rank's ConAdv state (pending lookahead batches and δ
+        or old-weight shards, RNG streams, data position, effective config), written crash-safe:
+        to `<tag>.partial`, moved into place when all ranks are done, then `latest` updated."""
+        from deepspeed import comm as dist
+
+        tag = str(tag if tag is not None else f"global_step{self.ds.global_steps}")
+        client = {**(client_state or {}), "conadv": self.conadv.model_dump()}
+        ok = self.ds.save_checkpoint(save_dir, tag=tag + ckpt.PARTIAL, client_state=client, save_latest=False,
+                                     **kwargs)
+        ckpt.atomic_save(self._state(), Path(save_dir) / (tag + ckpt.PARTIAL) / f"conadv_rank{self.ds.global_rank}.pt")
+        dist.barrier()
+        if self.ds.global_rank == 0:
+            ckpt.publish(Path(save_dir), tag, update_latest=save_latest)
+        dist.barrier()
+        return ok
+
+    def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> tuple[Optional[str], dict]:
+        """DeepSpeed's `load_checkpoint` (default: the `latest` tag), then the ConAdv state."""
+        tag = str(tag) if tag is not None else ckpt.read_latest(Path(load_dir))
+        if tag is None:
+            raise FileNotFoundError(f"checkpoint folder {str(load_dir)!r}: no '{ckpt.LATEST}' file; nothing to resume")
+        path, client = self.ds.load_checkpoint(load_dir, tag=tag, **kwargs)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint {str(Path(load_dir) / tag)!r}: could not be loaded")
+        state_file = Path(load_dir) / tag / f"conadv_rank{self.ds.global_rank}.pt"
+        if state_file.is_file():
+            state = torch.load(state_file, map_location="cpu", weights_only=False)
+            self.schedule.load_state_dict(B.to_device(state["schedule"], self.ds.device))
+            self.micro_batches_pulled = state["micro_batches_pulled"]
+            self._nonfinite = state["nonfinite"]
+            ckpt.set_rng_state(state["rng"])
+        return path, client or {}
 
     def stale_bytes(self) -> int:
         """Bytes this rank holds for old weights (0 for lookahead and DisAdv)."""

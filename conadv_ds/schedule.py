@@ -35,6 +35,13 @@ class Clean:
     def extra_bytes(self) -> int:
         return 0
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to continue the schedule exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class DisAdv(Clean):
     def __init__(self, attack: Attack):
@@ -53,8 +60,16 @@ class Lookahead(DisAdv):
         self.pending: Optional[tuple[int, object, Prepared]] = None
         self._warned = False
 
+    def state_dict(self) -> dict:
+        return {"pending": None if self.pending is None else (self.pending[0], self.pending[2])}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restored batches are taken by whichever iterator comes next (source None)."""
+        pending = state["pending"]
+        self.pending = None if pending is None else (pending[0], None, pending[1])
+
     def prepare(self, step: int, pull: Pull, source: object) -> Prepared:
-        if self.pending is not None and self.pending[0] == step and self.pending[1] is source:
+        if self.pending is not None and self.pending[0] == step and (self.pending[1] is None or self.pending[1] is source):
             current = self.pending[2]
         else:
             if self.pending is not None and step > 0 and not self._warned:
@@ -98,3 +113,9 @@ class Snapshot(DisAdv):
 
     def extra_bytes(self) -> int:
         return sum(snapshot_bytes(s) for s in self.history.values())
+
+    def state_dict(self) -> dict:
+        return {"history": dict(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = collections.OrderedDict(sorted(state["history"].items()))

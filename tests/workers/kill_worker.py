@@ -1,0 +1,62 @@
+"""Saves a checkpoint, then dies by SIGKILL in the middle of the next save (--kill_in), or
+(--verify) loads the latest checkpoint and checks it is the complete first one."""
+
+import argparse
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import conadv_ds  # noqa: E402
+import conadv_ds.checkpoint as ckpt  # noqa: E402
+from tests.common import ds_config, digits_batches, make_model, rank_slice  # noqa: E402
+
+
+def die_on_call(module, name, after=0):
+    """Replace module.name by a function that kills this process on its (after+1)-th call."""
+    original, calls = getattr(module, name), [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(module, name, dying)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--kill_in", choices=["deepspeed", "conadv_state", "publish", "latest"])
+    parser.add_argument("--verify", action="store_true")
+    args = parser.parse_args()
+    engine, *_ = conadv_ds.initialize(model=make_model(), config=ds_config(2, 1, {"staleness": 1}))
+    data = iter([rank_slice(mb, engine.global_rank) for step in digits_batches(6) for mb in step])
+    if args.verify:
+        engine.load_checkpoint(args.ckpt)
+        expected = torch.load(os.path.join(args.ckpt, f"expected_rank{engine.global_rank}.pt"))
+        got = [p.detach() for p in engine.module.parameters()]
+        assert engine.global_steps == 2, engine.global_steps
+        assert all(torch.equal(a, b) for a, b in zip(expected, got)), "loaded weights differ from the saved ones"
+        print(f"rank {engine.global_rank}: verified checkpoint {ckpt.read_latest(args.ckpt)}", flush=True)
+        return
+    for _ in range(2):
+        engine.train_batch(data)
+    engine.save_checkpoint(args.ckpt)
+    torch.save([p.detach().clone() for p in engine.module.parameters()],
+               os.path.join(args.ckpt, f"expected_rank{engine.global_rank}.pt"))
+    engine.train_batch(data)
+    if engine.global_rank == 0 or args.kill_in in ("deepspeed", "conadv_state"):
+        target = {"deepspeed": (torch, "save", 0), "conadv_state": (ckpt, "atomic_save", 0),
+                  "publish": (os, "replace", 1), "latest": (ckpt, "write_latest", 0)}[args.kill_in]
+        die_on_call(*target)
+    engine.save_checkpoint(args.ckpt)
+    print("second save completed", flush=True)
+
+
+if __name__ == "__main__":
+    main()

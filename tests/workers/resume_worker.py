@@ -1,0 +1,99 @@
+"""Runs on 2 CPU ranks: straight runs against save + fresh engine + load + continue, with ConAdv
+on (random starts and targets), under ZeRO-2 and ZeRO-3; and the non-finite-loss abort."""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import conadv_ds  # noqa: E402
+from tests.common import ds_config, digits_batches, make_model, rank_slice  # noqa: E402
+
+K = 3
+RANDOM_ATTACK = {"epsilon": 0.1, "step_size": 0.05, "steps": 2, "clean_start_prob": 0.3, "targeted": True}
+
+
+def params(engine):
+    import deepspeed
+
+    ps = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(ps):
+        return [p.detach().clone() for p in ps]
+
+
+def engine_for(stage, conadv, seed):
+    engine, *_ = conadv_ds.initialize(model=make_model(seed), config=ds_config(stage, 1, conadv))
+    return engine
+
+
+def data_for(rank):
+    return [rank_slice(mb, rank) for step in digits_batches(2 * K + 2) for mb in step]
+
+
+def resume_case(stage, conadv, ckpt_dir, drop_state=False):
+    straight = engine_for(stage, conadv, seed=0)
+    data = data_for(straight.global_rank)
+    torch.manual_seed(11)
+    it = iter(data)
+    for _ in range(2 * K):
+        straight.train_batch(it)
+    expected = params(straight)
+
+    first = engine_for(stage, conadv, seed=0)
+    torch.manual_seed(11)
+    it = iter(data)
+    for _ in range(K):
+        first.train_batch(it)
+    first.save_checkpoint(ckpt_dir)
+    if drop_state:
+        torch.distributed.barrier()
+        os.remove(f"{ckpt_dir}/global_step{K}/conadv_rank{first.global_rank}.pt")
+
+    torch.manual_seed(999)  # the resumed run must restore every stream itself
+    resumed = engine_for(stage, conadv, seed=5)
+    resumed.load_checkpoint(ckpt_dir)
+    it = iter(data[resumed.micro_batches_pulled:])
+    for _ in range(K):
+        resumed.train_batch(it)
+    got = params(resumed)
+    return {"equal": all(torch.equal(a, b) for a, b in zip(expected, got)),
+            "max_diff": max((a - b).abs().max().item() for a, b in zip(expected, got)),
+            "step": resumed.global_steps}
+
+
+def nonfinite_case():
+    engine = engine_for(2, {"schedule": "disadv", "max_nonfinite_steps": 2}, seed=0)
+    x, y = rank_slice(digits_batches(1)[0][0], engine.global_rank)
+    bad = iter([(torch.full_like(x, float("nan")), y)] * 5)
+    steps = 0
+    try:
+        for _ in range(5):
+            engine.train_batch(bad)
+            steps += 1
+    except FloatingPointError as e:
+        return {"steps": steps, "message": str(e)}
+    return {"steps": steps, "message": None}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt", required=True)
+    args = parser.parse_args()
+    results = {}
+    for stage in (2, 3):
+        results[f"lookahead/z{stage}"] = resume_case(stage, {"staleness": 1, **RANDOM_ATTACK},
+                                                     f"{args.ckpt}/la{stage}")
+        results[f"snapshot2/z{stage}"] = resume_case(stage, {"staleness": 2, **RANDOM_ATTACK},
+                                                     f"{args.ckpt}/sn{stage}")
+    results["lookahead/z2/without_state"] = resume_case(2, {"staleness": 1, **RANDOM_ATTACK}, f"{args.ckpt}/nostate",
+                                                        drop_state=True)
+    results["nonfinite"] = nonfinite_case()
+    torch.save(results, f"{args.out}.rank{torch.distributed.get_rank()}")
+
+
+if __name__ == "__main__":
+    main()
