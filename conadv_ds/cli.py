@@ -1,0 +1,65 @@
+"""Command-line entry points: config validation without a launcher, and one-line errors.
+
+    conadv-validate ds_configs/96k.json --world_size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from typing import Callable, Optional, Sequence, TypeVar
+
+from .config import split_config
+from .errors import ConfigError
+
+F = TypeVar("F", bound=Callable)
+USAGE_ERROR = 2
+
+
+def one_line_errors(main: F) -> F:
+    """Run `main`, turning a ConfigError into `error: <message>` on stderr and exit code 2
+    (no traceback), like argparse does for bad flags."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(USAGE_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def validate(config: str, world_size: int) -> dict:
+    """Everything conadv_ds checks before DeepSpeed starts; returns the resolved summary."""
+    from . import optim
+    from .config import resolve_batch
+
+    ds, conadv = split_config(config, world_size)
+    ds_for_deepspeed, opt_spec, sched_spec = optim.prepare_ds_config(ds, world_size)
+    tb, micro, gas = resolve_batch(ds_for_deepspeed, world_size)
+    return {"world_size": world_size, "train_batch_size": tb, "micro_batch_per_rank": micro,
+            "gradient_accumulation_steps": gas,
+            "zero_stage": ds_for_deepspeed.get("zero_optimization", {}).get("stage", 0),
+            "optimizer": (opt_spec or ds_for_deepspeed.get("optimizer") or {}).get("type"),
+            "scheduler": (sched_spec or ds_for_deepspeed.get("scheduler") or {}).get("type"),
+            "conadv": conadv.model_dump()}
+
+
+@one_line_errors
+def validate_main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="conadv-validate", description="Check a DeepSpeed JSON with a conadv block "
+                                     "for a world size, without starting DeepSpeed.")
+    parser.add_argument("config", help="DeepSpeed JSON path")
+    parser.add_argument("--world_size", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.world_size < 1:
+        raise ConfigError(f"--world_size={args.world_size}: must be >= 1")
+    print(json.dumps(validate(args.config, args.world_size), indent=2))
+
+
+if __name__ == "__main__":
+    validate_main()
