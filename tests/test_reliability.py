@@ -22,6 +22,9 @@ def test_resume_is_bit_identical(resumed, case):
     for rank in range(WORLD):
         assert resumed[rank][case]["equal"], resumed[rank][case]
         assert resumed[rank][case]["step"] == 6
+        straight, resumed_sha, halfway = resumed[rank][case]["sha"]
+        assert straight == resumed_sha != halfway and len(straight) == 64
+        assert resumed[0][case]["sha"] == resumed[1][case]["sha"]  # the same fingerprint on every rank
 
 
 def test_resume_without_conadv_state_would_differ(resumed):

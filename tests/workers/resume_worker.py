@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import conadv_ds  # noqa: E402
+from conadv_ds.fingerprint import weights_sha256  # noqa: E402
 from tests.common import ds_config, digits_batches, make_model, rank_slice  # noqa: E402
 
 K = 3
@@ -60,6 +61,7 @@ def resume_case(stage, conadv, ckpt_dir, drop_state=False):
         resumed.train_batch(it)
     got = params(resumed)
     return {"equal": all(torch.equal(a, b) for a, b in zip(expected, got)),
+            "sha": (weights_sha256(straight.module), weights_sha256(resumed.module), weights_sha256(first.module)),
             "max_diff": max((a - b).abs().max().item() for a, b in zip(expected, got)),
             "step": resumed.global_steps}
 
