@@ -38,6 +38,7 @@ class Adversary:
 
     def __call__(self, batch: B.Batch, step: int, micro: int) -> Tensor:
         cfg = self.cfg
+        batch = self.space.adversarial_part(batch)
         seed = attack_seed(cfg.seed, step, micro, self.rank)
         device = _device_of(batch)
         gen = torch.Generator(device=device).manual_seed(seed)

@@ -114,12 +114,13 @@ class ConAdvEngine:
                 sums[3:5] += torch.tensor(B.correct(out, batch), dtype=torch.float64)
                 del out
             if delta is not None:
+                part = self.space.adversarial_part(batch)
                 with adversarial_branch(self.ds.module, self.conadv.aux_bn):
-                    out = self.space.forward(self.ds, batch, delta)
-                adv = self.loss_fn(out, batch)
+                    out = self.space.forward(self.ds, part, delta)
+                adv = self.loss_fn(out, part)
                 loss = loss + lam * adv
                 sums[2] += float(adv.detach())
-                sums[5:7] += torch.tensor(B.correct(out, batch), dtype=torch.float64)
+                sums[5:7] += torch.tensor(B.correct(out, part), dtype=torch.float64)
                 del out
             sums[0] += float(loss.detach())
             self.ds.backward(loss)

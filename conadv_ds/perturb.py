@@ -14,13 +14,27 @@ from .errors import ConfigError
 
 class PixelSpace:
     """δ is added to the model's input tensor as given (recipes feed [0, 1] images and
-    normalise inside the model, so ε and `clip_range` are in pixel units)."""
+    normalise inside the model, so ε and `clip_range` are in pixel units).
 
-    def __init__(self, input_key: str = "pixel_values"):
-        self.input_key = input_key
+    With `parts=k`, each batch is k equal blocks of views of the same images (e.g. clean then
+    AutoAugment) and only the first block is attacked, as in the official ConAdv+AA batches.
+    """
+
+    def __init__(self, input_key: str = "pixel_values", parts: int = 1):
+        self.input_key, self.parts = input_key, parts
 
     def bind(self, module: nn.Module) -> "PixelSpace":
         return self
+
+    def adversarial_part(self, batch: B.Batch) -> B.Batch:
+        """The samples that get an adversarial copy."""
+        if self.parts == 1:
+            return batch
+        if B.is_dict(batch):
+            n = len(batch[self.input_key]) // self.parts
+            return {k: v[:n] for k, v in batch.items()}
+        n = len(batch[0]) // self.parts
+        return batch[0][:n], batch[1][:n]
 
     def _key(self, batch: B.Batch) -> str:
         return self.input_key if B.is_dict(batch) else "inputs"
@@ -55,6 +69,9 @@ class EmbeddingSpace:
                                   "get_input_embeddings(); use space 'pixel' or pass perturb=EmbeddingSpace(module)")
             self.embedding = emb
         return self
+
+    def adversarial_part(self, batch: B.Batch) -> B.Batch:
+        return batch
 
     def _mask(self, batch: B.Batch) -> Optional[Tensor]:
         m = batch.get(self.mask_key)

@@ -238,3 +238,17 @@ def test_official_defaults():
     assert c.steps == 1 and c.targeted and c.clean_start_prob == 0.2 and c.staleness == 1
     assert c.schedule == "conadv" and c.clip_range == (0.0, 1.0) and c.uses_lookahead
     assert ConAdvConfig(space="embedding").clip_range is None
+
+
+def test_pixel_space_with_parts_attacks_only_the_first_block():
+    model = make_model().train()
+    clean, aug = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    y = torch.randint(0, 10, (4,))
+    batch = (torch.cat([clean, aug]), torch.cat([y, y]))
+    space = PixelSpace(parts=2)
+    part = space.adversarial_part(batch)
+    assert torch.equal(part[0], clean) and torch.equal(part[1], y)
+    adv = Adversary(model, space, ConAdvConfig(epsilon=0.1, step_size=0.1), default_loss, rank=0)
+    d = adv(batch, step=0, micro=0)
+    assert d.shape == clean.shape
+    assert torch.equal(d, Adversary(model, PixelSpace(), adv.cfg, default_loss, rank=0)((clean, y), 0, 0))

@@ -1,25 +1,217 @@
-"""Optimizers and LR schedules built by conadv_ds from the DeepSpeed JSON.
+"""Optimizers and LR schedules that conadv_ds builds from the DeepSpeed JSON.
 
-This version hands every optimizer and scheduler block to DeepSpeed unchanged.
+    "optimizer": {"type": "LARS", "params": {"lr": 10.0, "momentum": 0.92, "weight_decay": 5e-5}},
+    "scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_num_steps": 534, "total_num_steps": 1301,
+                                                        "power": 1.6}},
+    "lr_scaling": {"rule": "linear", "reference_batch_size": 256}
+
+LARS and LAMB (exact per-layer trust ratios under ZeRO 0-3) and WarmupPolyDecay are ours;
+every other optimizer or scheduler type is DeepSpeed's and reaches it unchanged. `lr_scaling`
+multiplies the configured learning rates by B/ref (linear) or √(B/ref) (sqrt), B the resolved
+train_batch_size, so that one config follows the batch size.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from ..config import _FieldError, _one_line, resolve_batch
+from ..errors import ConfigError
+from .layerwise import LAMB, LARS, param_groups
+from .schedules import WarmupPolyDecay
+from .zero_layout import layouts_for
+
+__all__ = ["LARS", "LAMB", "WarmupPolyDecay", "prepare_ds_config", "build_optimizer", "build_scheduler",
+           "bind_to_engine", "param_groups"]
 
 
-def prepare_ds_config(ds_config: dict, world_size: int) -> tuple[dict, None, None]:
-    """(config for DeepSpeed, our optimizer spec, our scheduler spec)."""
-    return copy.deepcopy(ds_config), None, None
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("lr", "trust_coefficient", check_fields=False)
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("weight_decay", "eps", check_fields=False)
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
 
 
-def build_optimizer(spec: dict, model):
-    raise ValueError(f"optimizer type {spec.get('type')!r} is not built by conadv_ds in this version")
+class LARSParams(_Strict):
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    trust_coefficient: float = 0.001
+    eps: float = 0.0
+    exclude_from_adaptation: Literal["ndim<=1", "none"] = "ndim<=1"
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError("must be in [0, 1)")
+        return v
 
 
-def build_scheduler(spec: dict, optimizer):
-    raise ValueError(f"scheduler type {spec.get('type')!r} is not built by conadv_ds in this version")
+class LAMBParams(_Strict):
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    min_trust: Optional[float] = None
+    max_trust: Optional[float] = None
+    exclude_from_adaptation: Literal["ndim<=1", "none"] = "ndim<=1"
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("both must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _trust(self) -> "LAMBParams":
+        if self.min_trust is not None and self.max_trust is not None and self.min_trust > self.max_trust:
+            raise _FieldError("min_trust", self.min_trust, f"must be <= max_trust ({self.max_trust})")
+        return self
+
+
+class WarmupPolyDecayParams(_Strict):
+    total_num_steps: int
+    warmup_num_steps: Optional[int] = None
+    warmup_ratio: Optional[float] = None
+    warmup_min_lr: float = 0.0
+    power: float = 1.0
+    end_lr: float = 0.0
+
+    @field_validator("total_num_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("power")
+    @classmethod
+    def _power(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "WarmupPolyDecayParams":
+        if (self.warmup_num_steps is None) == (self.warmup_ratio is None):
+            raise _FieldError("warmup_num_steps", self.warmup_num_steps, "set exactly one of warmup_num_steps and "
+                              "warmup_ratio")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise _FieldError("warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.warmup_num_steps is not None and not 0 <= self.warmup_num_steps <= self.total_num_steps:
+            raise _FieldError("warmup_num_steps", self.warmup_num_steps,
+                              f"must be in [0, total_num_steps={self.total_num_steps}]")
+        return self
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.warmup_num_steps is not None:
+            return self.warmup_num_steps
+        return round(self.warmup_ratio * self.total_num_steps)
+
+
+class LRScaling(_Strict):
+    rule: Literal["linear", "sqrt"]
+    reference_batch_size: int
+
+    @field_validator("reference_batch_size")
+    @classmethod
+    def _ref(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+
+_OPTIMIZERS = {"lars": (LARS, LARSParams), "lamb": (LAMB, LAMBParams)}
+_SCHEDULERS = {"warmuppolydecay": WarmupPolyDecayParams}
+_DS_LR_FIELDS = ("warmup_max_lr", "warmup_min_lr")
+
+
+def _validate(model: type[BaseModel], data, where: str) -> BaseModel:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}={data!r}: must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _one_line(e, where, model) from None
+
+
+def _block(ds: dict, key: str) -> Optional[dict]:
+    block = ds.get(key)
+    if block is None:
+        return None
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        raise ConfigError(f"{key}={block!r}: must be a JSON object with a string 'type'")
+    return block
+
+
+def prepare_ds_config(ds_config: dict, world_size: int) -> tuple[dict, Optional[dict], Optional[dict]]:
+    """(config for DeepSpeed, our optimizer spec or None, our scheduler spec or None).
+
+    Validates our blocks, applies `lr_scaling`, and removes what DeepSpeed must not see. The
+    input is not modified."""
+    ds = copy.deepcopy(ds_config)
+    scaling = ds.pop("lr_scaling", None)
+    opt, sched = _block(ds, "optimizer"), _block(ds, "scheduler")
+    opt_spec = sched_spec = None
+    if opt is not None and opt["type"].lower() in _OPTIMIZERS:
+        opt_spec = ds.pop("optimizer")
+        _validate(_OPTIMIZERS[opt["type"].lower()][1], opt_spec.get("params", {}), "optimizer.params")
+        ds["zero_allow_untested_optimizer"] = True
+    if sched is not None and sched["type"].lower() in _SCHEDULERS:
+        sched_spec = ds.pop("scheduler")
+        _validate(_SCHEDULERS[sched["type"].lower()], sched_spec.get("params", {}), "scheduler.params")
+    if scaling is not None:
+        rule = _validate(LRScaling, scaling, "lr_scaling")
+        ratio = resolve_batch(ds, world_size)[0] / rule.reference_batch_size
+        factor = ratio if rule.rule == "linear" else math.sqrt(ratio)
+        for block, fields in ((opt_spec or ds.get("optimizer"), ("lr",)),
+                              (sched_spec or ds.get("scheduler"), _DS_LR_FIELDS + ("end_lr",))):
+            params = (block or {}).get("params", {})
+            for f in fields:
+                if isinstance(params.get(f), (int, float)):
+                    params[f] = params[f] * factor
+    return ds, opt_spec, sched_spec
+
+
+def build_optimizer(spec: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """LARS or LAMB over `param_groups(model)`: 1-D parameters excluded from decay and adaptation
+    unless `exclude_from_adaptation` is "none"."""
+    cls, params_model = _OPTIMIZERS[spec["type"].lower()]
+    params = _validate(params_model, spec.get("params", {}), "optimizer.params").model_dump()
+    exclude = params.pop("exclude_from_adaptation") == "ndim<=1"
+    return cls(param_groups(model, params["weight_decay"], exclude), **params)
+
+
+def build_scheduler(spec: dict, optimizer: torch.optim.Optimizer) -> WarmupPolyDecay:
+    p = _validate(WarmupPolyDecayParams, spec.get("params", {}), "scheduler.params")
+    if optimizer is None:
+        raise ConfigError("scheduler.type='WarmupPolyDecay': needs an optimizer block (or an optimizer= argument)")
+    return WarmupPolyDecay(optimizer, p.warmup_steps, p.total_num_steps, p.warmup_min_lr, p.power, p.end_lr)
 
 
 def bind_to_engine(engine) -> None:
-    """Nothing to bind for DeepSpeed's own optimizers."""
+    """Give our LARS/LAMB the exact per-layer layout of the engine's ZeRO partitions."""
+    inner = engine.optimizer
+    while inner is not None and not isinstance(inner, (LARS, LAMB)):
+        inner = getattr(inner, "optimizer", None)
+    if inner is not None:
+        inner.bind_layouts(layouts_for(engine))

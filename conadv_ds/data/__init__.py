@@ -1,0 +1,1 @@
+"""Data pipelines used by the recipes."""

@@ -1,0 +1,174 @@
+"""Image data sets for the vision recipe: ImageNet-layout folders and two small real embedded ones.
+
+Every set yields `[0, 1]` tensors (normalisation lives inside the model, so perturbations are
+in pixel units) and integer labels.
+
+- `imagenet`: `<data_dir>/train/<class>/*.JPEG` and `<data_dir>/val/<class>/*.JPEG`, with the
+  standard random-resized-crop + flip / resize + center-crop transforms.
+- `digits`: scikit-learn's bundled 8×8 handwritten digits (1,797 images), installed with the
+  package: the default when no data is given.
+- `fashion-mnist`: Debian's `dataset-fashion-mnist` (70,000 28×28 images; `scripts/setup_debian.sh`).
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+
+from ..errors import ConfigError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET_TRAIN_SIZE = 1_281_167
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageData:
+    """Train and held-out sets plus what a model needs to know about them."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def digits(val_fraction: float = 0.2, seed: int = 0) -> ImageData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_val = int(len(x) * val_fraction)
+    val, train = order[:n_val], order[n_val:]
+    return ImageData("digits", TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), 10, 1, 8,
+                     (0.3,), (0.4,))
+
+
+def _idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(root: Path = FASHION_MNIST_DIR) -> ImageData:
+    files = {k: root / f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz"
+             for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"fashion-mnist: {missing[0]} not found; install it with "
+                          "'sudo bash scripts/setup_debian.sh' (Debian package dataset-fashion-mnist)")
+
+    def tensors(split: str) -> TensorDataset:
+        x = torch.from_numpy(_idx(files[f"{split}-images"]).copy()).float().unsqueeze(1) / 255.0
+        return TensorDataset(x, torch.from_numpy(_idx(files[f"{split}-labels"]).astype(np.int64)))
+
+    return ImageData("fashion-mnist", tensors("train"), tensors("t10k"), 10, 1, 28, (0.286,), (0.353,))
+
+
+def imagenet(data_dir: Path, image_size: int = 224, autoaugment: bool = False) -> ImageData:
+    """ImageNet folder layout with the standard transforms (no normalisation)."""
+    from torchvision import datasets, transforms as T
+
+    data_dir = Path(data_dir)
+    for split in ("train", "val"):
+        if not (data_dir / split).is_dir():
+            raise ConfigError(f"--data_dir={str(data_dir)!r}: no '{split}/' folder; expected the ImageNet layout "
+                              "train/<class>/*.JPEG and val/<class>/*.JPEG")
+    train_tf = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    train = datasets.ImageFolder(str(data_dir / "train"), T.Compose([*train_tf, T.ToTensor()]))
+    if autoaugment:
+        train = AugmentedPair(train, T.Compose([*train_tf, T.AutoAugment(T.AutoAugmentPolicy.IMAGENET),
+                                                T.ToTensor()]))
+    val = datasets.ImageFolder(str(data_dir / "val"),
+                               T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size),
+                                          T.ToTensor()]))
+    return ImageData("imagenet", train, val, len(val.classes), 3, image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class AugmentedPair(Dataset):
+    """(clean view, AutoAugment view, label) per image, for the ConAdv + AutoAugment batches."""
+
+    def __init__(self, base, augmented_transform):
+        self.base, self.augmented_transform = base, augmented_transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        path, _ = self.base.samples[i]
+        return x, self.augmented_transform(self.base.loader(path)), y
+
+
+def with_autoaugment(data: ImageData) -> ImageData:
+    """An embedded tensor set whose training items gain an AutoAugment view (uint8 round trip)."""
+    from torchvision import transforms as T
+
+    aa = T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
+
+    class _Pairs(Dataset):
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __getitem__(self, i: int):
+            x, y = self.base[i]
+            img = (x * 255).round().to(torch.uint8)
+            return x, aa(img).float() / 255.0, y
+
+    return ImageData(data.name, _Pairs(data.train), data.val, data.num_classes, data.channels, data.image_size,
+                     data.mean, data.std)
+
+
+def concat_views(items):
+    """Collate (clean, augmented, label) items into `(cat[clean, augmented], cat[label, label])`:
+    the clean half comes first so the attack can take it alone."""
+    clean = torch.stack([it[0] for it in items])
+    aug = torch.stack([it[1] for it in items])
+    y = torch.tensor([int(it[2]) for it in items])
+    return torch.cat([clean, aug]), torch.cat([y, y])
+
+
+def load(name: str, data_dir: Optional[str], autoaugment: bool = False, image_size: int = 224) -> ImageData:
+    if name == "imagenet":
+        if data_dir is None:
+            raise ConfigError("dataset 'imagenet' needs --data_dir /path/to/imagenet (train/ and val/ class folders)")
+        return imagenet(Path(data_dir), image_size, autoaugment)
+    data = {"digits": digits, "fashion-mnist": fashion_mnist}[name]()
+    return with_autoaugment(data) if autoaugment else data
+
+
+def train_stream(dataset: Dataset, micro_batch: int, rank: int, world_size: int, seed: int, num_workers: int = 0,
+                 collate_fn=None, start_epoch: int = 0) -> Iterator:
+    """Micro-batches of this rank's shard, epoch after epoch, as ONE iterator: a lookahead that
+    reaches into the next epoch stays exact. Incomplete last batches are dropped."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                        num_workers=num_workers, collate_fn=collate_fn, persistent_workers=num_workers > 0)
+    epoch = start_epoch
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0) -> DataLoader:
+    """Every held-out sample exactly once across ranks (rank r takes items r, r+N, ...)."""
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers)

@@ -1,0 +1,96 @@
+"""The vision recipe: a 2-rank run on the embedded data with ConAdv on, resume, dry runs of every
+shipped config, and fast clean failures."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import ROOT, launch
+
+RECIPE = ROOT / "recipes" / "resnet_imagenet.py"
+PAPER_CONFIGS = sorted((ROOT / "ds_configs").glob("[0-9]*k.json"), key=lambda p: int(p.stem[:-1]))
+
+
+def recipe(*args, **kw):
+    return launch(RECIPE, "--deepspeed_config", str(ROOT / "ds_configs" / "demo.json"), *args, **kw)
+
+
+def sha(proc):
+    return re.search(r"weights_sha256=([0-9a-f]{64})", proc.stdout).group(1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vision")
+    straight = recipe("--max_steps", "6", "--log_interval", "2", "--output_dir", str(d / "straight"))
+    first = recipe("--max_steps", "3", "--output_dir", str(d / "resumed"))
+    resumed = recipe("--max_steps", "6", "--resume", "--output_dir", str(d / "resumed"))
+    return d, straight, first, resumed
+
+
+def test_end_to_end_with_conadv(runs):
+    d, straight, _, _ = runs
+    out = straight.stdout
+    assert re.search(r"step 6/6 loss [\d.]+ clean_loss [\d.]+ adv_loss [\d.]+ accuracy [\d.]+ adv_accuracy [\d.]+ "
+                     r"lr [\d.e-]+ samples/s \d+", out), out[-3000:]
+    assert "eval final: top1" in out and "conadv config:" in out
+    assert (d / "straight" / "latest").read_text() == "global_step6"
+    assert (d / "straight" / "curves.png").stat().st_size > 10_000
+    cfg = json.loads((d / "straight" / "effective_config.json").read_text())
+    assert cfg["conadv"]["schedule"] == "conadv" and cfg["recipe"]["dataset"] == "digits"
+    rows = [json.loads(x) for x in (d / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["adv_loss"] > 0 for r in rows)
+
+
+def test_resume_reproduces_the_straight_run(runs):
+    _, straight, first, resumed = runs
+    assert sha(resumed) == sha(straight) != sha(first)
+
+
+def test_robust_accuracy_below_clean(runs):
+    _, straight, _, _ = runs
+    m = re.search(r"eval final: top1 ([\d.]+) top5 ([\d.]+) robust_top1 ([\d.]+)", straight.stdout)
+    top1, top5, robust = map(float, m.groups())
+    assert top5 >= top1 > 0.3 and robust < top1
+
+
+def test_all_paper_configs_ship():
+    assert [p.stem for p in PAPER_CONFIGS] == ["1k", "2k", "4k", "8k", "16k", "32k", "64k", "96k"]
+
+
+@pytest.mark.parametrize("config,world", [(c, w) for c in PAPER_CONFIGS for w in (8, 64, 512)]
+                         + [(ROOT / "ds_configs" / "demo.json", 2)], ids=str)
+def test_shipped_configs_dry_run(config, world, capsys):
+    sys.path.insert(0, str(RECIPE.parent))
+    import resnet_imagenet
+
+    data = json.loads(config.read_text())
+    resnet_imagenet.main(["--deepspeed_config", str(config), "--dry_run", "--world_size", str(world)])
+    out = capsys.readouterr().out
+    tb, micro, gas, ws = map(int, re.search(r"train_batch_size (\d+) = micro-batch (\d+) × gradient accumulation "
+                                           r"(\d+) × world size (\d+)", out).groups())
+    assert tb == micro * gas * ws == data["train_batch_size"] and ws == world
+    steps = int(re.search(r"steps/epoch, (\d+) steps = [\d.]+ epochs", out).group(1))
+    assert steps == data.get("scheduler", {}).get("params", {}).get("total_num_steps", steps) and "ZeRO-3" in out
+
+
+def test_96k_without_imagenet_fails_fast_and_clean():
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(RECIPE), "--deepspeed_config", str(ROOT / "ds_configs" / "96k.json")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert time.monotonic() - start < 20
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs --data_dir" in lines[0] and "--dry_run" in lines[0] and "demo.json" in lines[0]
+
+
+def test_missing_imagenet_folders_fail_clean(tmp_path):
+    proc = subprocess.run([sys.executable, str(RECIPE), "--deepspeed_config", str(ROOT / "ds_configs" / "demo.json"),
+                           "--data_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert f"--data_dir='{tmp_path}': no 'train/' folder" in proc.stderr
