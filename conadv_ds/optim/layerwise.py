@@ -70,14 +70,15 @@ class LARS(_Layerwise):
                 layout = self._layout(p)
                 if group["adapt"]:
                     wn, gn = layer_norms(layout, [w, g])
-                    scale = lr * self._ratio(group["trust_coefficient"] * wn, gn + wd * wn + group["eps"])
+                    scale = (lr * self._ratio(group["trust_coefficient"] * wn, gn + wd * wn + group["eps"])).tolist()
                 else:
-                    scale = torch.full((layout.num_layers,), lr, device=w.device)
+                    scale = [lr] * layout.num_layers
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(w))
                 for li, start, n in layout.segments:
                     wi, vi = w.narrow(0, start, n), buf.narrow(0, start, n)
-                    update = g.narrow(0, start, n).add(wi, alpha=wd) if wd else g.narrow(0, start, n)
-                    vi.mul_(m).add_(update * scale[li].to(update.dtype))
+                    vi.mul_(m).add_(g.narrow(0, start, n), alpha=scale[li])
+                    if wd:
+                        vi.add_(wi, alpha=scale[li] * wd)
                     wi.sub_(vi)
         return loss
 
@@ -116,9 +117,9 @@ class LAMB(_Layerwise):
                     trust = self._ratio(wn, rn)
                     if group["min_trust"] is not None or group["max_trust"] is not None:
                         trust = trust.clamp(group["min_trust"], group["max_trust"])
-                    scale = group["lr"] * trust
+                    scale = (group["lr"] * trust).tolist()
                 else:
-                    scale = torch.full((layout.num_layers,), group["lr"], device=w.device)
+                    scale = [group["lr"]] * layout.num_layers
                 for li, start, n in layout.segments:
-                    w.narrow(0, start, n).sub_(r.narrow(0, start, n) * scale[li].to(r.dtype))
+                    w.narrow(0, start, n).sub_(r.narrow(0, start, n), alpha=scale[li])
         return loss

@@ -38,7 +38,8 @@ def layer_norms(layout: FlatLayout, tensors: list[Tensor]) -> Tensor:
     sq = torch.zeros(len(tensors), layout.num_layers, dtype=torch.float32, device=tensors[0].device)
     for li, start, n in layout.segments:
         for k, t in enumerate(tensors):
-            sq[k, li] += t.narrow(0, start, n).float().pow(2).sum()
+            piece = t.narrow(0, start, n).float()
+            sq[k, li] += torch.dot(piece, piece)
     if layout.group is not None:
         from deepspeed import comm as dist
 
