@@ -108,7 +108,8 @@ class LAMB(_Layerwise):
                 t = state["step"]
                 state["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
                 state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                r = (state["exp_avg"] / (1 - b1 ** t)) / ((state["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + group["eps"])
+                r = state["exp_avg_sq"].div(1 - b2 ** t).sqrt_().add_(group["eps"])  # one temporary, reused
+                torch.div(state["exp_avg"], r, out=r).div_(1 - b1 ** t)
                 if wd:
                     r.add_(w, alpha=wd)
                 layout = self._layout(p)
