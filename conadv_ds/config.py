@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -151,16 +151,31 @@ def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> Conf
     return ConfigError(f"{field}={value!r}: {msg}")
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_block(model: type[M], data: Any, where: str) -> M:
+    """Validate one JSON block against `model`; any failure is a one-line ConfigError under `where`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}={data!r}: must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _one_line(e, where, model) from None
+
+
 def parse_conadv(block: Any) -> ConAdvConfig:
     """Validate a `conadv` block (dict, or None for "no block": disabled)."""
     if block is None:
         return ConAdvConfig(enabled=False)
-    if not isinstance(block, dict):
-        raise ConfigError(f"{CONADV_KEY}={block!r}: must be a JSON object")
-    try:
-        return ConAdvConfig.model_validate(block)
-    except ValidationError as e:
-        raise _one_line(e, CONADV_KEY, ConAdvConfig) from None
+    return validate_block(ConAdvConfig, block, CONADV_KEY)
+
+
+def with_overrides(cfg: ConAdvConfig, overrides: Optional[dict]) -> ConAdvConfig:
+    """`cfg` with some fields replaced (e.g. from command-line flags), validated again."""
+    if not overrides:
+        return cfg
+    return parse_conadv({**cfg.model_dump(exclude_unset=True), **overrides})
 
 
 def load_json(config: Union[str, Path, dict]) -> dict:

@@ -13,7 +13,7 @@ from torch import nn
 from . import optim
 from .batch import LossFn
 from .bn import convert_aux_bn, has_aux_bn
-from .config import parse_conadv, split_config
+from .config import split_config, with_overrides
 from .engine import ConAdvEngine
 from .errors import ConfigError
 from .perturb import EmbeddingSpace, PixelSpace, make_space
@@ -65,8 +65,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parame
         args.deepspeed_config = None
     ws = world_size()
     ds_config, cfg = split_config(config, ws)
-    if conadv:
-        cfg = parse_conadv({**cfg.model_dump(exclude_unset=True), **conadv})
+    cfg = with_overrides(cfg, conadv)
     _check_precision(ds_config, model)
     space = (perturb or make_space(cfg.space)).bind(model) if cfg.adversarial else perturb
     if cfg.adversarial and cfg.aux_bn and not has_aux_bn(model):

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conadv_ds.cli import one_line_errors  # noqa: E402
-from conadv_ds.config import _one_line, load_json, resolve_batch, split_config  # noqa: E402
+from conadv_ds.config import load_json, resolve_batch, split_config, validate_block, with_overrides  # noqa: E402
 from conadv_ds.errors import ConfigError  # noqa: E402
 
 DEMO = "deepspeed --num_gpus 2 recipes/resnet_imagenet.py --deepspeed_config ds_configs/demo.json"
@@ -89,10 +89,7 @@ def conadv_overrides(pairs: list[str]) -> dict:
 def resolve(args: argparse.Namespace, world_size: int):
     """Config, recipe settings, overrides and batch plan: every check that needs no data or model."""
     raw = load_json(args.deepspeed_config)
-    try:
-        recipe = RecipeConfig.model_validate(raw.pop("recipe", {}))
-    except ValidationError as e:
-        raise _one_line(e, "recipe", RecipeConfig) from None
+    recipe = validate_block(RecipeConfig, raw.pop("recipe", {}), "recipe")
     for key in ("dataset", "model", "epochs", "autoaugment", "eval_epsilon", "eval_steps"):
         if getattr(args, key) is not None:
             recipe = recipe.model_copy(update={key: getattr(args, key)})
@@ -100,10 +97,7 @@ def resolve(args: argparse.Namespace, world_size: int):
         recipe = recipe.model_copy(update={"dataset": "imagenet"})
     overrides = conadv_overrides(args.conadv)
     ds, conadv = split_config(raw, world_size)
-    if overrides:
-        from conadv_ds.config import parse_conadv
-
-        conadv = parse_conadv({**conadv.model_dump(exclude_unset=True), **overrides})
+    conadv = with_overrides(conadv, overrides)
     batch = resolve_batch(ds, world_size)
     if recipe.dataset == "imagenet" and not args.data_dir and not args.dry_run:
         raise ConfigError(f"{args.deepspeed_config}: dataset 'imagenet' needs --data_dir /path/to/imagenet "

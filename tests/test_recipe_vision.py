@@ -27,9 +27,10 @@ def sha(proc):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("vision")
-    straight = recipe("--max_steps", "6", "--log_interval", "2", "--output_dir", str(d / "straight"))
-    first = recipe("--max_steps", "3", "--output_dir", str(d / "resumed"))
-    resumed = recipe("--max_steps", "6", "--resume", "--output_dir", str(d / "resumed"))
+    straight = recipe("--max_steps", "6", "--log_interval", "2", "--conadv", "epsilon=0.05",
+                      "--output_dir", str(d / "straight"))
+    first = recipe("--max_steps", "3", "--conadv", "epsilon=0.05", "--output_dir", str(d / "resumed"))
+    resumed = recipe("--max_steps", "6", "--resume", "--conadv", "epsilon=0.05", "--output_dir", str(d / "resumed"))
     return d, straight, first, resumed
 
 
@@ -43,6 +44,7 @@ def test_end_to_end_with_conadv(runs):
     assert (d / "straight" / "curves.png").stat().st_size > 10_000
     cfg = json.loads((d / "straight" / "effective_config.json").read_text())
     assert cfg["conadv"]["schedule"] == "conadv" and cfg["recipe"]["dataset"] == "digits"
+    assert cfg["conadv"]["epsilon"] == 0.05  # the flag overrides the JSON
     rows = [json.loads(x) for x in (d / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["adv_loss"] > 0 for r in rows)
 
@@ -94,3 +96,12 @@ def test_missing_imagenet_folders_fail_clean(tmp_path):
                            "--data_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert f"--data_dir='{tmp_path}': no 'train/' folder" in proc.stderr
+
+
+@pytest.mark.parametrize("flag,expected", [("epsilom=0.1", "conadv.epsilom: unknown key (did you mean 'epsilon'?)"),
+                                           ("steps=0", "conadv.steps=0: must be >= 1"),
+                                           ("epsilon", "--conadv 'epsilon': expected KEY=VALUE")])
+def test_bad_conadv_flag_is_one_line(flag, expected):
+    proc = subprocess.run([sys.executable, str(RECIPE), "--deepspeed_config", str(ROOT / "ds_configs" / "demo.json"),
+                           "--dry_run", "--world_size", "2", "--conadv", flag], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr

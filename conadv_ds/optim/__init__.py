@@ -18,9 +18,9 @@ import math
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from ..config import _FieldError, _one_line, resolve_batch
+from ..config import _FieldError, resolve_batch, validate_block
 from ..errors import ConfigError
 from .layerwise import LAMB, LARS, param_groups
 from .schedules import WarmupPolyDecay
@@ -145,15 +145,6 @@ _SCHEDULERS = {"warmuppolydecay": WarmupPolyDecayParams}
 _DS_LR_FIELDS = ("warmup_max_lr", "warmup_min_lr")
 
 
-def _validate(model: type[BaseModel], data, where: str) -> BaseModel:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}={data!r}: must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise _one_line(e, where, model) from None
-
-
 def _block(ds: dict, key: str) -> Optional[dict]:
     block = ds.get(key)
     if block is None:
@@ -174,13 +165,13 @@ def prepare_ds_config(ds_config: dict, world_size: int) -> tuple[dict, Optional[
     opt_spec = sched_spec = None
     if opt is not None and opt["type"].lower() in _OPTIMIZERS:
         opt_spec = ds.pop("optimizer")
-        _validate(_OPTIMIZERS[opt["type"].lower()][1], opt_spec.get("params", {}), "optimizer.params")
+        validate_block(_OPTIMIZERS[opt["type"].lower()][1], opt_spec.get("params", {}), "optimizer.params")
         ds["zero_allow_untested_optimizer"] = True
     if sched is not None and sched["type"].lower() in _SCHEDULERS:
         sched_spec = ds.pop("scheduler")
-        _validate(_SCHEDULERS[sched["type"].lower()], sched_spec.get("params", {}), "scheduler.params")
+        validate_block(_SCHEDULERS[sched["type"].lower()], sched_spec.get("params", {}), "scheduler.params")
     if scaling is not None:
-        rule = _validate(LRScaling, scaling, "lr_scaling")
+        rule = validate_block(LRScaling, scaling, "lr_scaling")
         ratio = resolve_batch(ds, world_size)[0] / rule.reference_batch_size
         factor = ratio if rule.rule == "linear" else math.sqrt(ratio)
         for block, fields in ((opt_spec or ds.get("optimizer"), ("lr",)),
@@ -196,13 +187,13 @@ def build_optimizer(spec: dict, model: torch.nn.Module) -> torch.optim.Optimizer
     """LARS or LAMB over `param_groups(model)`: 1-D parameters excluded from decay and adaptation
     unless `exclude_from_adaptation` is "none"."""
     cls, params_model = _OPTIMIZERS[spec["type"].lower()]
-    params = _validate(params_model, spec.get("params", {}), "optimizer.params").model_dump()
+    params = validate_block(params_model, spec.get("params", {}), "optimizer.params").model_dump()
     exclude = params.pop("exclude_from_adaptation") == "ndim<=1"
     return cls(param_groups(model, params["weight_decay"], exclude), **params)
 
 
 def build_scheduler(spec: dict, optimizer: torch.optim.Optimizer) -> WarmupPolyDecay:
-    p = _validate(WarmupPolyDecayParams, spec.get("params", {}), "scheduler.params")
+    p = validate_block(WarmupPolyDecayParams, spec.get("params", {}), "scheduler.params")
     if optimizer is None:
         raise ConfigError("scheduler.type='WarmupPolyDecay': needs an optimizer block (or an optimizer= argument)")
     return WarmupPolyDecay(optimizer, p.warmup_steps, p.total_num_steps, p.warmup_min_lr, p.power, p.end_lr)
