@@ -64,7 +64,7 @@ class Adversary:
 
 
 def _device_of(batch: Any) -> torch.device:
-    for v in (batch.values() if isinstance(batch, dict) else batch):
+    for v in (batch.values() if B.is_dict(batch) else batch):
         if isinstance(v, Tensor):
             return v.device
     return torch.device("cpu")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -18,7 +19,7 @@ LossFn = Callable[[Any, Batch], Tensor]
 
 
 def is_dict(batch: Batch) -> bool:
-    return isinstance(batch, dict)
+    return isinstance(batch, Mapping)  # dicts, and transformers' BatchEncoding
 
 
 def check(batch: Batch) -> None:
@@ -34,7 +35,7 @@ def to_device(batch: Batch, device: torch.device, float_dtype: Optional[torch.dt
     if isinstance(batch, Tensor):
         dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else None
         return batch.to(device=device, dtype=dtype, non_blocking=True)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device, float_dtype) for v in batch)

@@ -33,6 +33,20 @@ def one_line_errors(main: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def parse_overrides(pairs: Sequence[str]) -> dict:
+    """`--conadv KEY=VALUE` flags as a dict; values are JSON when they parse as JSON, else strings."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--conadv {pair!r}: expected KEY=VALUE, e.g. --conadv epsilon=0.05")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def validate(config: str, world_size: int) -> dict:
     """Everything conadv_ds checks before DeepSpeed starts; returns the resolved summary."""
     from . import optim

@@ -23,9 +23,8 @@ from . import checkpoint as ckpt
 from .adversary import Adversary
 from .bn import adversarial_branch
 from .config import ConAdvConfig
-from .errors import ConfigError
 from .perturb import EmbeddingSpace, PixelSpace, make_space
-from .schedule import Clean, DisAdv, Lookahead, Snapshot
+from .schedule import build_schedule
 from .stale import stale_weights_for
 
 
@@ -47,21 +46,11 @@ class ConAdvEngine:
         self._nonfinite = 0
 
     def _make_schedule(self):
-        cfg = self.conadv
-        if not cfg.adversarial:
-            return Clean()
-        if cfg.schedule == "split":
-            raise ConfigError("conadv.schedule='split': attacker ranks are not available in this version; "
-                              "allowed: clean, disadv, conadv")
         from deepspeed.runtime.torch_autocast import autocast_if_enabled
 
-        adversary = Adversary(self.ds.module, self.space, cfg, self.loss_fn, rank=self.ds.global_rank,
-                              autocast=lambda: autocast_if_enabled(self.ds))
-        if cfg.schedule == "disadv":
-            return DisAdv(adversary)
-        if cfg.uses_lookahead:
-            return Lookahead(adversary)
-        return Snapshot(adversary, cfg.staleness, stale_weights_for(self.ds))
+        adversary = Adversary(self.ds.module, self.space, self.conadv, self.loss_fn, rank=self.ds.global_rank,
+                              autocast=lambda: autocast_if_enabled(self.ds)) if self.conadv.adversarial else None
+        return build_schedule(self.conadv, adversary, lambda: stale_weights_for(self.ds))
 
     # -- forwarding -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -19,7 +19,9 @@ from typing import Callable, Iterator, Optional
 from torch import Tensor
 
 from .batch import Batch
-from .stale import Snapshot, snapshot_bytes
+from .config import ConAdvConfig
+from .errors import ConfigError
+from .stale import snapshot_bytes
 
 Attack = Callable[[Batch, int, int], Tensor]
 """attack(batch, step, micro) -> δ, with whatever weights are in the model."""
@@ -92,7 +94,7 @@ class Snapshot(DisAdv):
     def __init__(self, attack: Attack, staleness: int, stale):
         super().__init__(attack)
         self.tau, self.stale = staleness, stale
-        self.history: collections.OrderedDict[int, Snapshot] = collections.OrderedDict()
+        self.history: collections.OrderedDict[int, list[Tensor]] = collections.OrderedDict()  # step -> shards
 
     def prepare(self, step: int, pull: Pull, source: object) -> Prepared:
         batches = pull()
@@ -119,3 +121,17 @@ class Snapshot(DisAdv):
 
     def load_state_dict(self, state: dict) -> None:
         self.history = collections.OrderedDict(sorted(state["history"].items()))
+
+
+def build_schedule(cfg: ConAdvConfig, attack: Attack, stale: Callable[[], object]):
+    """The schedule a `conadv` block asks for; `stale()` makes the old-weight store when one is needed."""
+    if not cfg.adversarial:
+        return Clean()
+    if cfg.schedule == "split":
+        raise ConfigError("conadv.schedule='split': attacker ranks are not available in this version; "
+                          "allowed: clean, disadv, conadv")
+    if cfg.schedule == "disadv":
+        return DisAdv(attack)
+    if cfg.uses_lookahead:
+        return Lookahead(attack)
+    return Snapshot(attack, cfg.staleness, stale())

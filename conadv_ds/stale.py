@@ -18,10 +18,10 @@ Snapshot = list[Tensor]
 
 
 class _Replicated:
-    """ZeRO-0: every rank holds the whole model, so the snapshot is a full copy."""
+    """ZeRO-0 or plain data parallel: every rank holds the whole model, so the snapshot is a full copy."""
 
-    def __init__(self, engine):
-        self.params = [p for p in engine.module.parameters()]
+    def __init__(self, module):
+        self.params = [p for p in module.parameters()]
 
     def capture(self) -> Snapshot:
         return [p.detach().clone() for p in self.params]
@@ -103,10 +103,13 @@ class _Zero3Shards:
 
 
 def stale_weights_for(engine) -> _Replicated | _FlatPartitions | _Zero3Shards:
-    """The snapshot mechanism matching the engine's ZeRO stage."""
+    """The snapshot mechanism matching a DeepSpeed engine's ZeRO stage; for anything else (a
+    module, or DDP's wrapper around one) a full copy of the module's parameters."""
+    if not hasattr(engine, "zero_optimization_stage"):
+        return _Replicated(getattr(engine, "module", engine))
     stage = engine.zero_optimization_stage()
     if stage == 0:
-        return _Replicated(engine)
+        return _Replicated(engine.module)
     if stage in (1, 2):
         return _FlatPartitions(engine)
     return _Zero3Shards(engine)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conadv_ds.cli import one_line_errors  # noqa: E402
+from conadv_ds.cli import one_line_errors, parse_overrides  # noqa: E402
 from conadv_ds.config import load_json, resolve_batch, split_config, validate_block, with_overrides  # noqa: E402
 from conadv_ds.errors import ConfigError  # noqa: E402
 
@@ -73,19 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def conadv_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--conadv {pair!r}: expected KEY=VALUE, e.g. --conadv epsilon=0.05")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def resolve(args: argparse.Namespace, world_size: int):
     """Config, recipe settings, overrides and batch plan: every check that needs no data or model."""
     raw = load_json(args.deepspeed_config)
@@ -95,7 +82,7 @@ def resolve(args: argparse.Namespace, world_size: int):
             recipe = recipe.model_copy(update={key: getattr(args, key)})
     if args.data_dir and args.dataset is None:
         recipe = recipe.model_copy(update={"dataset": "imagenet"})
-    overrides = conadv_overrides(args.conadv)
+    overrides = parse_overrides(args.conadv)
     ds, conadv = split_config(raw, world_size)
     conadv = with_overrides(conadv, overrides)
     batch = resolve_batch(ds, world_size)
