@@ -97,20 +97,27 @@ class Snapshot(DisAdv):
         self.history: collections.OrderedDict[int, list[Tensor]] = collections.OrderedDict()  # step -> shards
 
     def prepare(self, step: int, pull: Pull, source: object) -> Prepared:
-        batches = pull()
+        return self.attack_step(step, pull())
+
+    def attack_step(self, step: int, batches: list[Batch], first_micro: int = 0, last: bool = True) -> Prepared:
+        """δ for micro-batches `first_micro, first_micro+1, ...` of step `step`, from w_{max(step-τ, 0)};
+        the live weights w_step are kept (once per step) for the steps to come. Loops that see
+        one micro-batch at a time (e.g. the Hugging Face Trainer) call it once per micro-batch,
+        with `last` on the step's final one: only then are versions no longer needed dropped."""
         source_step = max(step - self.tau, 0)
         if source_step == step:
-            prepared = [(b, self.attack(b, step, i)) for i, b in enumerate(batches)]
+            prepared = [(b, self.attack(b, step, first_micro + i)) for i, b in enumerate(batches)]
         else:
             if source_step not in self.history:
                 raise RuntimeError(f"conadv snapshot of step {source_step} missing at step {step}: "
                                    "steps must be taken in order")
             with self.stale.swapped(self.history[source_step]):
-                prepared = [(b, self.attack(b, step, i)) for i, b in enumerate(batches)]
-        keep_from = max(step + 1 - self.tau, 0)
+                prepared = [(b, self.attack(b, step, first_micro + i)) for i, b in enumerate(batches)]
+        keep_from = max(step + 1 - self.tau, 0) if last else max(step - self.tau, 0)
         for s in [s for s in self.history if s < keep_from]:
             del self.history[s]
-        self.history[step] = self.stale.capture()
+        if step not in self.history:
+            self.history[step] = self.stale.capture()
         return prepared
 
     def extra_bytes(self) -> int:

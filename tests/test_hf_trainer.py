@@ -1,0 +1,149 @@
+"""ConAdvTrainer on tiny models built from configs: BERT MLM, a sequence classifier, GPT-2 and a
+ViT image classifier; staleness against explicitly kept weights; exact resume; config sources."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conadv_ds.adversary import Adversary
+from conadv_ds.batch import default_loss
+from conadv_ds.errors import ConfigError
+from conadv_ds.hf import ConAdvTrainer, ConAdvTrainingArguments, merge_conadv
+from conadv_ds.perturb import EmbeddingSpace
+
+TEXT = {"norm": "l2", "epsilon": 1.0, "step_size": 0.5, "targeted": False, "clean_start_prob": 0.5}
+
+
+def text_data(n=32, length=12, vocab=50, labels="tokens"):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(5, vocab, (length,), generator=g)
+        mask = torch.ones(length, dtype=torch.long)
+        mask[length - 1 - i % 4:] = 0
+        lab = ids.masked_fill(mask == 0, -100) if labels == "tokens" else torch.tensor(i % 3)
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": lab})
+    return rows
+
+
+def models():
+    from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                              ViTConfig, ViTForImageClassification)
+
+    bert = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=16)
+    g = torch.Generator().manual_seed(1)
+    images = [{"pixel_values": torch.rand(3, 16, 16, generator=g), "labels": torch.tensor(i % 4)} for i in range(32)]
+    return {
+        "bert-mlm": (lambda: BertForMaskedLM(BertConfig(**bert)), text_data(), {**TEXT, "space": "embedding"}),
+        "bert-classifier": (lambda: BertForSequenceClassification(BertConfig(**bert, num_labels=3)),
+                            text_data(labels="class"), {**TEXT, "targeted": True}),
+        "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)),
+                 text_data(), TEXT),
+        "vit": (lambda: ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=16,
+                                                             num_hidden_layers=1, num_attention_heads=2,
+                                                             intermediate_size=32, num_labels=4)),
+                images, {"epsilon": 8 / 255, "step_size": 4 / 255, "steps": 2}),
+    }
+
+
+def trainer_for(name, out, conadv_extra=None, **kw):
+    make, data, block = models()[name]
+    torch.manual_seed(0)
+    args = ConAdvTrainingArguments(str(out), per_device_train_batch_size=4, max_steps=kw.pop("max_steps", 4),
+                                   logging_steps=2, report_to=[], use_cpu=True, seed=0, learning_rate=5e-3,
+                                   conadv={**block, **(conadv_extra or {})}, **{"save_strategy": "no", **kw})
+    return ConAdvTrainer(model=make(), args=args, train_dataset=data)
+
+
+@pytest.mark.parametrize("name", ["bert-mlm", "bert-classifier", "gpt2", "vit"])
+def test_trains_and_logs_clean_and_adversarial_loss(tmp_path, name):
+    trainer = trainer_for(name, tmp_path)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "clean_loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    for h in logs:
+        assert h["adv_loss"] > h["clean_loss"] > 0
+    expected = "PixelSpace" if name == "vit" else "EmbeddingSpace"
+    assert type(trainer._space_obj).__name__ == expected
+
+
+class Recorder(TrainerCallback):
+    """Keeps a full copy of the weights at the start of every step."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        self.weights.append(copy.deepcopy(model.state_dict()))
+
+
+@pytest.mark.parametrize("tau", [1, 2])
+def test_delta_comes_from_weights_tau_steps_old(tmp_path, tau):
+    trainer = trainer_for("bert-mlm", tmp_path, {"staleness": tau}, gradient_accumulation_steps=2, max_steps=5)
+    rec, seen = Recorder(), []
+    trainer.add_callback(rec)
+    original = trainer._delta
+
+    def recording(inputs):
+        delta = original(inputs)
+        seen.append((trainer.state.global_step, trainer._micro[1] - 1, {k: v.clone() for k, v in inputs.items()},
+                     delta.clone()))
+        return delta
+
+    trainer._delta = recording
+    trainer.train()
+    assert len(seen) == 10
+    make = models()["bert-mlm"][0]
+    for step, micro, inputs, delta in seen:
+        old = make()
+        old.load_state_dict(rec.weights[max(step - tau, 0)])
+        old.train()
+        adversary = Adversary(old, EmbeddingSpace().bind(old), trainer.conadv, default_loss, rank=0)
+        assert torch.allclose(adversary(inputs, step, micro), delta, atol=1e-6), (step, micro)
+        if step >= tau + 1:  # weights moved: the live ones would have given another δ
+            live = make()
+            live.load_state_dict(rec.weights[step])
+            live.train()
+            other = Adversary(live, EmbeddingSpace().bind(live), trainer.conadv, default_loss, rank=0)(inputs, step, micro)
+            assert not torch.allclose(other, delta, atol=1e-6)
+    assert trainer._schedule.extra_bytes() > 0
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    straight = trainer_for("bert-mlm", tmp_path / "a", {"staleness": 2}, save_strategy="steps", save_steps=2)
+    straight.train()
+    assert (tmp_path / "a" / "checkpoint-2" / "conadv_state_rank0.pt").is_file()
+    resumed = trainer_for("bert-mlm", tmp_path / "b", {"staleness": 2})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
+    assert [h["adv_loss"] for h in resumed.state.log_history if "adv_loss" in h][-1] == \
+        [h["adv_loss"] for h in straight.state.log_history if "adv_loss" in h][-1]
+
+
+def test_conadv_sources(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 8, "conadv": {"epsilon": 0.5, "steps": 2}}))
+    assert merge_conadv(None, str(ds)).epsilon == 0.5
+    merged = merge_conadv({"norm": "l2", "steps": 2}, str(ds))
+    assert merged.norm == "l2" and merged.epsilon == 0.5 and merged.steps == 2
+    with pytest.raises(ConfigError, match=r"conadv.epsilon: 0.1 in the conadv argument but 0.5 in the DeepSpeed"):
+        merge_conadv({"epsilon": 0.1}, str(ds))
+    with pytest.raises(ConfigError, match="conadv.stepz: unknown key"):
+        merge_conadv({"stepz": 1}, None)
+    assert not merge_conadv(None, None).enabled
+
+
+def test_two_rank_deepspeed_zero3(tmp_path):
+    from tests.distributed import launch
+
+    launch("hf_worker.py", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world"] == 2 and result["deepspeed"] and result["stage"] == 3
+    logs = [h for h in result["log"] if "clean_loss" in h]
+    assert [h["step"] for h in logs] == [2, 4] and all(h["adv_loss"] > h["clean_loss"] for h in logs)
+    assert result["stale_bytes"] > 0  # a shard of the old weights, kept on each rank
