@@ -150,9 +150,9 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
     collate = text.collator(tokenizer)
     optimizer = optim.build_optimizer(opt_spec, model)
     scheduler = optim.build_scheduler(sched_spec, optimizer) if sched_spec else None
-    prepared = accelerator.prepare(model, optimizer, *([scheduler] if scheduler else []))
-    model, optimizer = prepared[0], prepared[1]
-    scheduler = prepared[2] if scheduler else None
+    # The scheduler stays ours: stepped once per optimizer step below (accelerate would step it
+    # once per process, DeepSpeed once per engine step: neither is the schedule's unit).
+    model, optimizer = accelerator.prepare(model, optimizer)
     engine = accelerator.deepspeed_engine_wrapped.engine if use_deepspeed else model
     if use_deepspeed:
         optim.bind_to_engine(engine)
@@ -209,11 +209,11 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
                     sums[2] += float(adv.detach())
                 accelerator.backward(loss)
                 optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
                 optimizer.zero_grad()
             sums[0] += float(loss.detach())
             sums[1] += float(clean.detach())
+        if scheduler is not None:
+            scheduler.step()
         if step < args.record_deltas and rank == 0:
             records["steps"].append({"batch": B.to_device(batches[0][0], "cpu"),
                                      "delta": None if batches[0][1] is None else batches[0][1].cpu()})

@@ -41,9 +41,11 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["zero2", "zero3", "ddp"])
 def test_trains_and_reports_clean_and_adversarial_loss(runs, mode):
     out = runs[1][mode]
-    steps = re.findall(r"step (\d)/4 loss ([\d.]+) clean_loss ([\d.]+) adv_loss ([\d.]+)", out)
+    steps = re.findall(r"step (\d)/4 loss ([\d.]+) clean_loss ([\d.]+) adv_loss ([\d.]+) lr ([\d.e-]+)", out)
     assert [s[0] for s in steps] == ["2", "4"]
-    for _, loss, clean, adv in steps:
+    # WarmupPolyDecay, 10 warmup steps to 0.01, stepped once per optimizer step on every launcher
+    assert [float(s[4]) for s in steps] == pytest.approx([0.002, 0.004])
+    for _, loss, clean, adv, _ in steps:
         assert float(adv) > float(clean) > 0 and float(loss) == pytest.approx((float(clean) + float(adv)) / 2, abs=2e-4)
     m = re.search(r"eval final: mlm_loss ([\d.]+) masked_acc ([\d.]+) adv_mlm_loss ([\d.]+)", out)
     assert float(m.group(3)) > float(m.group(1)) > 0
