@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     p.add_argument("--conadv", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--max_len", type=int, default=64)
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     block = {"space": "embedding", "norm": "l2", "epsilon": 1.0, "step_size": 0.5, "targeted": False,
              **parse_overrides(args.conadv)}
     targs = ConAdvTrainingArguments(args.output_dir, per_device_train_batch_size=args.batch_size,
-                                    max_steps=args.max_steps, learning_rate=1e-3, warmup_steps=30, logging_steps=25,
+                                    max_steps=args.max_steps, learning_rate=args.lr, warmup_steps=30, logging_steps=25,
                                     eval_strategy="steps", eval_steps=max(args.max_steps // 2, 1), report_to=[],
                                     save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=0,
                                     max_grad_norm=0.0 if args.deepspeed else 1.0, deepspeed=args.deepspeed,
