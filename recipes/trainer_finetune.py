@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     from conadv_ds.data.text import embedded_corpus, train_tokenizer
     from conadv_ds.hf import ConAdvTrainer, ConAdvTrainingArguments
 
-    block = {"space": "embedding", "norm": "l2", "epsilon": 1.0, "step_size": 0.5, "targeted": False,
+    block = {"space": "embedding", "norm": "l2", "epsilon": 0.1, "step_size": 0.05, "targeted": False,
              **parse_overrides(args.conadv)}
     targs = ConAdvTrainingArguments(args.output_dir, per_device_train_batch_size=args.batch_size,
                                     max_steps=args.max_steps, learning_rate=args.lr, warmup_steps=30, logging_steps=25,
