@@ -31,6 +31,9 @@ from .stale import stale_weights_for
 class ConAdvEngine:
     """Wraps a `deepspeed.DeepSpeedEngine`; attributes it does not define are the wrapped engine's."""
 
+    is_attacker = False
+    """True only on the attacker ranks of schedule 'split' (`split.SplitAttacker`)."""
+
     def __init__(self, engine, conadv: ConAdvConfig, loss_fn: Optional[B.LossFn] = None,
                  perturb: Optional[Union[PixelSpace, EmbeddingSpace]] = None):
         self.ds = engine
@@ -48,6 +51,10 @@ class ConAdvEngine:
     def _make_schedule(self):
         from deepspeed.runtime.torch_autocast import autocast_if_enabled
 
+        if self.conadv.adversarial and self.conadv.schedule == "split":
+            from .split import Remote
+
+            return Remote(self.ds, self.space, self.conadv.staleness)
         adversary = Adversary(self.ds.module, self.space, self.conadv, self.loss_fn, rank=self.ds.global_rank,
                               autocast=lambda: autocast_if_enabled(self.ds)) if self.conadv.adversarial else None
         return build_schedule(self.conadv, adversary, lambda: stale_weights_for(self.ds))

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from . import optim
+from . import optim, split
 from .batch import LossFn
 from .bn import convert_aux_bn, has_aux_bn
 from .config import split_config, with_overrides
@@ -45,7 +45,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parame
                training_data: Any = None, config: Union[str, Path, dict, None] = None,
                loss_fn: Optional[LossFn] = None, perturb: Optional[Union[PixelSpace, EmbeddingSpace]] = None,
                optimizer: Any = None, lr_scheduler: Any = None, conadv: Optional[dict] = None,
-               **kwargs: Any) -> tuple[ConAdvEngine, Any, Any, Any]:
+               **kwargs: Any) -> tuple[Union[ConAdvEngine, split.SplitAttacker], Any, Any, Any]:
     """Like `deepspeed.initialize`, returning `(engine, optimizer, dataloader, lr_scheduler)`.
 
     `config` is a DeepSpeed JSON path or dict (or `args.deepspeed_config`); its `"conadv"` block
@@ -53,6 +53,8 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parame
     arithmetic, before DeepSpeed starts, and is not passed on. Optimizer types LARS and LAMB
     and scheduler type WarmupPolyDecay are built here; DeepSpeed's own types are DeepSpeed's.
     `loss_fn(output, batch)` replaces the default loss; `perturb` the perturbation space.
+    With schedule 'split', DeepSpeed's world is the trainer ranks, and an attacker rank gets
+    `(SplitAttacker, None, None, None)` (see `split.py`).
     """
     if model is None:
         raise ValueError("initialize() needs a model")
@@ -63,13 +65,16 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parame
     if args is not None and getattr(args, "deepspeed_config", None):
         args = copy.copy(args)
         args.deepspeed_config = None
-    ws = world_size()
+    layout = split.plan(config, conadv)
+    ws = world_size() if layout is None else len(layout.trainers)
     ds_config, cfg = split_config(config, ws)
     cfg = with_overrides(cfg, conadv)
     _check_precision(ds_config, model)
     space = (perturb or make_space(cfg.space)).bind(model) if cfg.adversarial else perturb
     if cfg.adversarial and cfg.aux_bn and not has_aux_bn(model):
         convert_aux_bn(model)
+    if layout is not None and split.connect(layout).is_attacker:
+        return split.SplitAttacker(model, space, cfg, ds_config, loss_fn), None, None, None
     ds_config, opt_spec, sched_spec = optim.prepare_ds_config(ds_config, ws)
     if opt_spec is not None and optimizer is None:
         optimizer = optim.build_optimizer(opt_spec, model)
