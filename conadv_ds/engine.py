@@ -125,6 +125,13 @@ class ConAdvEngine:
         self._check_finite(metrics["loss"])
         return metrics
 
+    def stop_attackers(self) -> None:
+        """Schedule 'split': the attacker ranks' `train_batch` raises StopIteration from now on,
+        so the same loop ends on every rank. Call it on every trainer when training ends early
+        (the end of the data does it anyway); a no-op for the other schedules."""
+        if hasattr(self.schedule, "stop"):
+            self.schedule.stop(self.ds.global_steps)
+
     def _check_finite(self, loss: float) -> None:
         limit = self.conadv.max_nonfinite_steps
         if self.ds.fp16_enabled() or limit == 0:

@@ -36,8 +36,8 @@ stale step as the weights (as on the in-process lookahead path).
 
 User loop: the same code runs on every rank. `initialize` returns a `SplitAttacker` on
 attacker ranks, whose `train_batch(data_iter)` ignores `data_iter` and serves one trainer
-step; call it as often as the trainers call theirs (or until it raises StopIteration, which
-it does when the trainers' data ends). `engine.is_attacker` tells the two apart.
+step; call it until it raises StopIteration, which it does when the trainers' data ends or
+they call `engine.stop_attackers()`. `engine.is_attacker` tells the two apart.
 """
 
 from __future__ import annotations
@@ -116,15 +116,19 @@ def _layout(attacker_ranks: Union[int, list[int], None], size: int) -> Layout:
     return layout
 
 
-def plan(config: Union[str, os.PathLike, dict], overrides: Optional[dict] = None) -> Optional[Layout]:
+def plan(config: Union[str, os.PathLike, dict], overrides: Optional[dict] = None,
+         launch_size: Optional[int] = None) -> Optional[Layout]:
     """The layout a DeepSpeed JSON asks for, checked before any process group exists: None unless
     its (overridden) `conadv` block has schedule 'split'. The batch arithmetic and ZeRO-3 group
-    sizes are checked against the trainer count, which is DeepSpeed's world size."""
+    sizes are checked against the trainer count, which is DeepSpeed's world size. `launch_size`
+    (default: this launch's) is the number of ranks started, attackers included."""
     ds = load_json(config)
     cfg = with_overrides(parse_conadv(ds.pop(CONADV_KEY, None)), overrides)
     if not (cfg.adversarial and cfg.schedule == "split"):
         return None
-    layout = _layout(cfg.attacker_ranks, _LINK.layout.launch_size if _LINK is not None else _launch_size())
+    if launch_size is None:
+        launch_size = _LINK.layout.launch_size if _LINK is not None else _launch_size()
+    layout = _layout(cfg.attacker_ranks, launch_size)
     n, size = len(layout.trainers), layout.launch_size
     try:
         resolve_batch(ds, n)
@@ -346,6 +350,7 @@ class Remote:
         self.last_wait = 0.0
         """Seconds the last `prepare` waited for δ: 0 when the attacker keeps up."""
         self._warned = False
+        self.stopped = False
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ConfigError(f"conadv.schedule='split': the model's parameters have several dtypes {sorted(map(str, dtypes))}; "
@@ -405,6 +410,8 @@ class Remote:
         self._post_receives()
 
     def prepare(self, step: int, pull: Callable[[], list[B.Batch]], source: object) -> list[tuple[B.Batch, Tensor]]:
+        if self.stopped:
+            raise StopIteration  # the attackers have left; no δ can come
         self.outbox.reap()
         if self.queue and min(self.queue) != step:
             raise RuntimeError(f"conadv split: step {step} requested while steps {sorted(self.queue)} are pending: "
@@ -416,8 +423,7 @@ class Remote:
             except StopIteration:
                 break
         if step not in self.queue:
-            for a in self.link.layout.attackers:
-                self.outbox.send(torch.tensor([_STOP, step, 0], dtype=torch.int64), a, _TAG_HEADER)
+            self.stop(step)
             raise StopIteration
         new = [s for s in sorted(self.queue) if not self.queue[s].sent]
         if step > 0 and any(s != step + self.tau for s in new) and not self._warned:
@@ -436,6 +442,16 @@ class Remote:
                 w.wait()
         self.last_wait = time.perf_counter() - start
         return [(b, d.to(self.device)) for b, d in zip(current.batches, current.deltas)]
+
+    def stop(self, step: int) -> None:
+        """Tell the attackers that the trainers take no step from `step` on (once)."""
+        if self.stopped:
+            return
+        self.close()
+        for a in self.link.layout.attackers:
+            self.outbox.send(torch.tensor([_STOP, step, 0], dtype=torch.int64), a, _TAG_HEADER)
+        self.outbox.drain()
+        self.stopped = True
 
     def close(self) -> None:
         """Wait until the attacker has every job and the δ of every step sent for, so that no

@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab_size", type=int, default=3000)
     p.add_argument("--train_files", nargs="*", help="text files (one text per line)")
     p.add_argument("--dataset_dir", help="a `datasets` dataset saved with save_to_disk (column 'text')")
+    p.add_argument("--strict_data", action="store_true", help="stop at the first empty line instead of skipping it")
     p.add_argument("--max_seq_length", type=int)
     p.add_argument("--phase2_seq_length", type=int, help="second phase sequence length (LAMB's 128 then 512)")
     p.add_argument("--phase2_steps", type=int)
@@ -123,7 +124,10 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
     out = Path(args.output_dir)
     torch.manual_seed(args.seed)
 
-    texts = text.read_corpus(args.train_files, args.dataset_dir)
+    corpus = text.read_corpus(args.train_files, args.dataset_dir, strict=args.strict_data)
+    texts = corpus.texts
+    if corpus.skipped and rank == 0:
+        print(f"skipped {corpus.skipped} empty lines of the corpus", flush=True)
     train_texts, held_texts = text.split(texts)
     if args.tokenizer_dir:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer_dir)

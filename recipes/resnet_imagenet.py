@@ -11,6 +11,7 @@ model, epochs, label smoothing, image size, evaluation attack); flags override i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -45,6 +46,8 @@ class RecipeConfig(BaseModel):
     eval_epsilon: float = 4 / 255
     eval_steps: int = 3
     eval_batch_size: int = 256
+    strict_data: bool = False
+    """Stop at the first unreadable image (naming it) instead of counting and skipping it."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autoaugment", action="store_true", default=None, help="ConAdv + AutoAugment batches")
     p.add_argument("--conadv", action="append", default=[], metavar="KEY=VALUE",
                    help="override a conadv field, e.g. --conadv epsilon=0.05 (JSON values)")
+    p.add_argument("--strict_data", action="store_true", default=None,
+                   help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--eval_epsilon", type=float)
     p.add_argument("--eval_steps", type=int)
     p.add_argument("--log_interval", type=int, default=10)
@@ -77,7 +82,7 @@ def resolve(args: argparse.Namespace, world_size: int):
     """Config, recipe settings, overrides and batch plan: every check that needs no data or model."""
     raw = load_json(args.deepspeed_config)
     recipe = validate_block(RecipeConfig, raw.pop("recipe", {}), "recipe")
-    for key in ("dataset", "model", "epochs", "autoaugment", "eval_epsilon", "eval_steps"):
+    for key in ("dataset", "model", "epochs", "autoaugment", "eval_epsilon", "eval_steps", "strict_data"):
         if getattr(args, key) is not None:
             recipe = recipe.model_copy(update={key: getattr(args, key)})
     if args.data_dir and args.dataset is None:
@@ -132,9 +137,15 @@ def memory_plan(n_params: int, world: int, half: bool, optimizer_states: int) ->
 
 
 def dry_run(args: argparse.Namespace) -> None:
+    from conadv_ds import split
+
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     if world < 1:
         raise ConfigError(f"--world_size={world}: must be >= 1")
+    layout = split.plan(args.deepspeed_config, parse_overrides(args.conadv), launch_size=world)
+    if layout:
+        print(f"split: launch ranks {list(layout.attackers)} attack, {len(layout.trainers)} ranks train")
+        world = len(layout.trainers)
     _, ds, conadv, _, recipe, (tb, micro, gas) = resolve(args, world)
     n_train = {"imagenet": 1_281_167, "digits": 1437, "fashion-mnist": 60000}[recipe.dataset]
     check_batch(tb, n_train, recipe.dataset, args.deepspeed_config)
@@ -178,7 +189,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.dry_run:
         return dry_run(args)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    from conadv_ds import split
+
+    layout = split.plan(args.deepspeed_config, parse_overrides(args.conadv))
+    world = len(layout.trainers) if layout else int(os.environ.get("WORLD_SIZE", 1))
     raw, ds, conadv, overrides, recipe, (tb, micro, gas) = resolve(args, world)
     train(args, raw, ds, conadv, overrides, recipe, tb, micro, world)
 
@@ -194,7 +208,7 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
     from conadv_ds.perturb import PixelSpace
     from conadv_ds.vision import build_classifier, evaluate
 
-    images = data.load(recipe.dataset, args.data_dir, recipe.autoaugment, recipe.image_size)
+    images = data.load(recipe.dataset, args.data_dir, recipe.autoaugment, recipe.image_size, recipe.strict_data)
     check_batch(tb, len(images.train), images.name, args.deepspeed_config)
     torch.manual_seed(args.seed)
     model = build_classifier(recipe.model, images.num_classes, images.channels, images.mean, images.std)
@@ -205,13 +219,18 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
     config = {k: v for k, v in raw.items() if k != "recipe"}
     engine, _, _, _ = conadv_ds.initialize(model=model, config=config, conadv=overrides or None, loss_fn=loss_fn,
                                            perturb=PixelSpace(parts=2 if recipe.autoaugment else 1))
+    steps_per_epoch = len(images.train) // tb
+    total = total_steps(ds, recipe, steps_per_epoch, args.max_steps)
+    if engine.is_attacker:  # schedule 'split': serve the trainers' steps until they stop
+        with contextlib.suppress(StopIteration):
+            while True:
+                engine.train_batch()
+        return
     rank, out = engine.global_rank, Path(args.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "effective_config.json").write_text(json.dumps({**config, "conadv": engine.conadv.model_dump(),
                                                                "recipe": recipe.model_dump()}, indent=2))
-    steps_per_epoch = len(images.train) // tb
-    total = total_steps(ds, recipe, steps_per_epoch, args.max_steps)
     if (args.resume or args.eval_only) and (out / "latest").is_file():
         engine.load_checkpoint(str(out))
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else None
@@ -227,6 +246,7 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
         return res
 
     if args.eval_only:
+        engine.stop_attackers()
         run_eval("only")
         return
     stream = data.train_stream(images.train, micro // 2 if recipe.autoaugment else micro, rank, world, args.seed,
@@ -253,6 +273,7 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
             run_eval(f"epoch {step // steps_per_epoch}")
             engine.save_checkpoint(str(out))
     bar.close()
+    engine.stop_attackers()
     engine.save_checkpoint(str(out))
     run_eval("final")
     sha = weights_sha256(engine.module)
@@ -261,6 +282,9 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
         plot_curves(out)
         print(f"trained {total} steps in {time.time() - start:.0f} s; checkpoint {out}/latest; "
               f"curves {out}/curves.png", flush=True)
+        skipped = len(getattr(images.train, "skipped", ())) + len(getattr(images.val, "skipped", ()))
+        if skipped:
+            print(f"skipped {skipped} unreadable images on rank 0 (named in the warnings above)", flush=True)
         print(f"weights_sha256={sha}", flush=True)
 
 

@@ -7,7 +7,7 @@ documentation in the standard library's `pydoc_data.topics` (about 80,000 words)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -27,10 +27,29 @@ def embedded_corpus() -> list[str]:
     return paragraphs
 
 
+class Corpus(NamedTuple):
+    texts: list[str]
+    skipped: int
+    """Empty lines (or rows) left out."""
+
+
 def read_corpus(train_files: Optional[Sequence[str]] = None, dataset_dir: Optional[str] = None,
-                text_column: str = "text") -> list[str]:
-    """Non-empty lines of text files, the `text_column` of a `datasets` dataset saved with
-    `save_to_disk`, or the embedded corpus. Empty lines are skipped."""
+                text_column: str = "text", strict: bool = False) -> Corpus:
+    """Lines of text files, the `text_column` of a `datasets` dataset saved with `save_to_disk`,
+    or the embedded corpus. Empty lines are counted and left out; with `strict`, the first one
+    is a one-line error naming the file and line (or row)."""
+
+    def keep(items, where) -> Corpus:
+        texts, skipped = [], 0
+        for i, t in enumerate(items, 1):
+            if t and t.strip():
+                texts.append(t.strip())
+            elif strict:
+                raise ConfigError(f"{where(i)}: empty text; remove it or run without strict_data to skip empty lines")
+            else:
+                skipped += 1
+        return Corpus(texts, skipped)
+
     if dataset_dir:
         if not Path(dataset_dir).is_dir():
             raise ConfigError(f"--dataset_dir={dataset_dir!r}: not found")
@@ -41,15 +60,15 @@ def read_corpus(train_files: Optional[Sequence[str]] = None, dataset_dir: Option
             ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
         if text_column not in ds.column_names:
             raise ConfigError(f"--dataset_dir={dataset_dir!r}: no column '{text_column}'; has {ds.column_names}")
-        return [t.strip() for t in ds[text_column] if t and t.strip()]
+        return keep(ds[text_column], lambda i: f"{dataset_dir} row {i - 1}")
     if train_files:
-        lines = []
         for f in train_files:
             if not Path(f).is_file():
                 raise ConfigError(f"--train_files: {f!r} not found")
-            lines += [line.strip() for line in Path(f).read_text(errors="replace").splitlines() if line.strip()]
-        return lines
-    return embedded_corpus()
+        parts = [keep(Path(f).read_text(errors="replace").splitlines(), lambda i, f=f: f"{f}:{i}")
+                 for f in train_files]
+        return Corpus([t for p in parts for t in p.texts], sum(p.skipped for p in parts))
+    return Corpus(embedded_corpus(), 0)
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, save_dir: Optional[Path] = None):

@@ -78,8 +78,9 @@ def fashion_mnist(root: Path = FASHION_MNIST_DIR) -> ImageData:
     return ImageData("fashion-mnist", tensors("train"), tensors("t10k"), 10, 1, 28, (0.286,), (0.353,))
 
 
-def imagenet(data_dir: Path, image_size: int = 224, autoaugment: bool = False) -> ImageData:
-    """ImageNet folder layout with the standard transforms (no normalisation)."""
+def imagenet(data_dir: Path, image_size: int = 224, autoaugment: bool = False, strict: bool = False) -> ImageData:
+    """ImageNet folder layout with the standard transforms (no normalisation). Unreadable files
+    are skipped (see `SkipUnreadable`), or with `strict` stop the run with their name."""
     from torchvision import datasets, transforms as T
 
     data_dir = Path(data_dir)
@@ -95,7 +96,41 @@ def imagenet(data_dir: Path, image_size: int = 224, autoaugment: bool = False) -
     val = datasets.ImageFolder(str(data_dir / "val"),
                                T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size),
                                           T.ToTensor()]))
-    return ImageData("imagenet", train, val, len(val.classes), 3, image_size, IMAGENET_MEAN, IMAGENET_STD)
+    return ImageData("imagenet", SkipUnreadable(train, strict), SkipUnreadable(val, strict), len(val.classes), 3,
+                     image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class SkipUnreadable(Dataset):
+    """An image folder whose unreadable files (truncated, corrupt, not an image) are counted and
+    replaced by the next readable item, so every micro-batch keeps its size and an epoch never
+    crashes half-way; with `strict`, the first one is a one-line error naming the file."""
+
+    def __init__(self, folder, strict: bool = False):
+        self.folder, self.strict = folder, strict
+        self.skipped: set[str] = set()
+        """Paths found unreadable by this process (a DataLoader worker counts its own)."""
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        import warnings
+
+        for k in range(len(self.folder)):
+            j = (i + k) % len(self.folder)
+            try:
+                return self.folder[j]
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+                path = self.folder.samples[j][0]
+                reason = " ".join(str(e).split()) or type(e).__name__
+                if self.strict:
+                    raise ConfigError(f"{path}: unreadable image ({reason}); remove or replace it, or "
+                                      "run without strict_data to skip such files") from None
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({reason}); "
+                                  f"{len(self.skipped)} skipped so far")
+        raise ConfigError(f"{self.folder.root}: none of its {len(self.folder)} images can be read")
 
 
 class AugmentedPair(Dataset):
@@ -106,6 +141,14 @@ class AugmentedPair(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return self.base.samples
+
+    @property
+    def root(self) -> str:
+        return self.base.root
 
     def __getitem__(self, i: int):
         x, y = self.base[i]
@@ -144,11 +187,12 @@ def concat_views(items):
     return torch.cat([clean, aug]), torch.cat([y, y])
 
 
-def load(name: str, data_dir: Optional[str], autoaugment: bool = False, image_size: int = 224) -> ImageData:
+def load(name: str, data_dir: Optional[str], autoaugment: bool = False, image_size: int = 224,
+         strict: bool = False) -> ImageData:
     if name == "imagenet":
         if data_dir is None:
             raise ConfigError("dataset 'imagenet' needs --data_dir /path/to/imagenet (train/ and val/ class folders)")
-        return imagenet(Path(data_dir), image_size, autoaugment)
+        return imagenet(Path(data_dir), image_size, autoaugment, strict)
     data = {"digits": digits, "fashion-mnist": fashion_mnist}[name]()
     return with_autoaugment(data) if autoaugment else data
 

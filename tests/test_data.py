@@ -1,0 +1,86 @@
+"""Bad data never crashes an epoch: unreadable images and empty text lines are counted and
+skipped, or with `strict` stop the run with a one-line error naming the file (and line)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from conadv_ds.data import text, vision
+from conadv_ds.errors import ConfigError
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """An ImageNet-layout folder, 2 classes × 3 readable images, plus in each split a file that is
+    not an image and a truncated JPEG."""
+    rng = np.random.default_rng(0)
+    bad = []
+    for split in ("train", "val"):
+        for cls in ("ant", "bee"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"img{i}.JPEG")
+        (tmp_path / split / "ant" / "img1b.JPEG").write_bytes(b"not an image at all")
+        whole = (tmp_path / split / "bee" / "img0.JPEG").read_bytes()
+        (tmp_path / split / "bee" / "img0b.JPEG").write_bytes(whole[:len(whole) // 3])
+        bad += [str(tmp_path / split / "ant" / "img1b.JPEG"), str(tmp_path / split / "bee" / "img0b.JPEG")]
+    return tmp_path, bad
+
+
+def test_unreadable_images_are_skipped_and_counted(folder):
+    from torchvision import datasets, transforms as T
+
+    root, bad = folder
+    data = vision.load("imagenet", str(root), image_size=16)
+    plain = datasets.ImageFolder(str(root / "val"), T.Compose([T.Resize(18), T.CenterCrop(16), T.ToTensor()]))
+    paths = [p for p, _ in plain.samples]
+    assert len(data.val) == len(plain) == 8
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        items = [data.val[i] for i in range(len(data.val))]
+    for i, (x, y) in enumerate(items):
+        j = i + 1 if paths[i] in bad else i  # the next readable file takes a bad one's place
+        ref_x, ref_y = plain[j]
+        assert torch.equal(x, ref_x) and y == ref_y
+    assert data.val.skipped == {p for p in bad if "/val/" in p}
+
+    with pytest.warns(UserWarning):
+        batches = list(DataLoader(data.train, batch_size=4, drop_last=True))
+    assert [b[0].shape for b in batches] == [(4, 3, 16, 16)] * 2
+    assert data.train.skipped == {p for p in bad if "/train/" in p}
+
+
+def test_strict_names_the_unreadable_file(folder):
+    root, bad = folder
+    data = vision.load("imagenet", str(root), image_size=16, strict=True)
+    first_bad = sorted(p for p in bad if "/val/" in p)[0]
+    i = [p for p, _ in data.val.folder.samples].index(first_bad)
+    with pytest.raises(ConfigError) as err:
+        data.val[i]
+    msg = str(err.value)
+    assert msg.startswith(f"{first_bad}: unreadable image (") and "\n" not in msg and "strict_data" in msg
+
+
+def test_empty_text_lines_are_counted_and_skipped(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("first line\n\n   \nsecond line\n")
+    b.write_text("\nthird line")
+    corpus = text.read_corpus([str(a), str(b)])
+    assert corpus.texts == ["first line", "second line", "third line"] and corpus.skipped == 3
+    with pytest.raises(ConfigError) as err:
+        text.read_corpus([str(a), str(b)], strict=True)
+    assert str(err.value) == f"{a}:2: empty text; remove it or run without strict_data to skip empty lines"
+
+
+def test_empty_rows_of_a_saved_dataset(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["one", "", None, "two"]}).save_to_disk(str(tmp_path / "ds"))
+    corpus = text.read_corpus(dataset_dir=str(tmp_path / "ds"))
+    assert corpus.texts == ["one", "two"] and corpus.skipped == 2
+    with pytest.raises(ConfigError, match=r"ds row 1: empty text"):
+        text.read_corpus(dataset_dir=str(tmp_path / "ds"), strict=True)
