@@ -100,7 +100,7 @@ class ConAdvEngine:
         prepared = self.schedule.prepare(step, lambda: self._pull(data_iter), data_iter)
         lam = self.conadv.adv_weight
         sums = torch.zeros(7, dtype=torch.float64)
-        for batch, delta in prepared:
+        for i, (batch, delta) in enumerate(prepared):
             loss = torch.zeros((), device=self.ds.device)
             if delta is None or lam < 1:
                 out = B.call(self.ds, batch)
@@ -120,6 +120,8 @@ class ConAdvEngine:
                 del out
             sums[0] += float(loss.detach())
             self.ds.backward(loss)
+            if i == len(prepared) - 1:
+                self.schedule.before_update()
             self.ds.step()
         metrics = self._metrics(sums, len(prepared), any(d is not None for _, d in prepared), start)
         self._check_finite(metrics["loss"])

@@ -37,6 +37,9 @@ class Clean:
     def extra_bytes(self) -> int:
         return 0
 
+    def before_update(self) -> None:
+        """Called before the optimizer step changes the weights."""
+
     def state_dict(self) -> dict:
         """What a checkpoint must hold to continue the schedule exactly."""
         return {}

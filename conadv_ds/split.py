@@ -210,32 +210,37 @@ def current_link() -> Link:
 
 # -- messages ---------------------------------------------------------------------------------
 class _Outbox:
-    """Posted sends and the tensors they read, kept alive until the send completes."""
+    """Posted sends and the tensors they read, kept alive until waited for. Each send is waited
+    for exactly once (gloo counts completions: a second wait would block), and only once its
+    receiver is known to have posted the receive, so that waiting never blocks for long."""
 
     def __init__(self, side):
         self.side = side
-        self.posted: list[tuple[Any, Tensor]] = []
+        self.posted: list[tuple[int, Any, Tensor]] = []
+        """(label, work, tensor): the label is the trainer step that sent it (-1: set-up)."""
 
-    def send(self, tensor: Tensor, dst: int, tag: int) -> None:
-        self.posted.append((self.side.send([tensor], dst, tag), tensor))
+    def send(self, tensor: Tensor, dst: int, tag: int, label: int = -1) -> Any:
+        work = self.side.send([tensor], dst, tag)
+        self.posted.append((label, work, tensor))
+        return work
 
-    def send_object(self, obj: Any, dst: int, tag: int) -> int:
-        """Send `obj` (tensors, lists, dicts, numbers) as bytes after its length; returns the length."""
+    def send_object(self, obj: Any, dst: int, tag: int) -> None:
+        """Send `obj` (tensors, lists, dicts, numbers) as bytes after its length."""
         data = _dumps(obj)
         self.send(torch.tensor([data.numel()], dtype=torch.int64), dst, tag)
         self.send(data, dst, tag)
-        return data.numel()
 
-    def reap(self) -> None:
-        self.posted = [(w, t) for w, t in self.posted if not w.is_completed()]
+    def wait(self, works: list[Any] = (), before: Optional[int] = None) -> None:
+        """Wait for the given sends and for those labelled below `before`; None: for all."""
+        ids = {id(w) for w in works}
+        done = [(w, before is None or label < before or id(w) in ids) for label, w, _ in self.posted]
+        for w, wait in done:
+            if wait:
+                w.wait()
+        self.posted = [entry for entry, (_, wait) in zip(self.posted, done) if not wait]
 
     def drain(self) -> None:
-        for w, _ in self.posted:
-            w.wait()
-        self.posted = []
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self.posted)
+        self.wait()
 
 
 def _dumps(obj: Any) -> Tensor:
@@ -288,7 +293,8 @@ def _own_pieces(params: list[nn.Parameter], zero3: bool, index: int, count: int)
 
 class _AssembledWeights:
     """On an attacker: the module's parameters as views of per-parameter flat tensors that the
-    trainers' shares are copied into each step."""
+    trainers' shares are received into each step (directly on the CPU; through a CPU inbox
+    copied to the device otherwise)."""
 
     def __init__(self, module: nn.Module, layouts: list[dict], device: torch.device):
         self.params = list(module.parameters())
@@ -305,19 +311,27 @@ class _AssembledWeights:
         self.flat = [torch.empty(n, dtype=dtype, device=device) for n in padded]
         for p, flat in zip(self.params, self.flat):
             p.data = flat[:p.numel()].view(p.shape)
-        self.inbox = [torch.empty(sum(n for *_, n in lay["pieces"]), dtype=dtype) for lay in layouts]
+        self.inbox = None if device.type == "cpu" else \
+            [torch.empty(sum(n for *_, n in lay["pieces"]), dtype=dtype) for lay in layouts]
+
+    def targets(self, trainer: int) -> list[Tensor]:
+        """Where the pieces of trainer `trainer` (its index among the trainers) are received, in order."""
+        pieces = self.layouts[trainer]["pieces"]
+        if self.inbox is None:
+            return [self.flat[i][off:off + n] for i, _, off, n in pieces]
+        return list(self.inbox[trainer].split([n for *_, n in pieces]))
 
     def unpack(self) -> None:
-        """Copy the received shares (in `inbox`) into the parameters."""
+        """Copy received shares from the CPU inbox into the parameters (device models only)."""
+        if self.inbox is None:
+            return
         with torch.no_grad():
-            for lay, data in zip(self.layouts, self.inbox):
-                pos = 0
-                for i, _, off, n in lay["pieces"]:
-                    self.flat[i][off:off + n].copy_(data[pos:pos + n], non_blocking=True)
-                    pos += n
+            for trainer, lay in enumerate(self.layouts):
+                for (i, _, off, n), piece in zip(lay["pieces"], self.targets(trainer)):
+                    self.flat[i][off:off + n].copy_(piece, non_blocking=True)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.flat + self.inbox)
+        return sum(t.numel() * t.element_size() for t in self.flat + (self.inbox or []))
 
 
 # -- trainer side -----------------------------------------------------------------------------
@@ -351,6 +365,9 @@ class Remote:
         """Seconds the last `prepare` waited for δ: 0 when the attacker keeps up."""
         self._warned = False
         self.stopped = False
+        self.weight_sends: list[Any] = []
+        self.staged: list[Tensor] = []
+        self.sent_step = 0
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ConfigError(f"conadv.schedule='split': the model's parameters have several dtypes {sorted(map(str, dtypes))}; "
@@ -365,12 +382,25 @@ class Remote:
         p = self.params[i]
         return (p.ds_tensor if self.zero3 else p.data).reshape(-1)
 
-    def _stage_weights(self) -> Tensor:
-        """A private CPU copy of this trainer's share of the live weights."""
-        return torch.cat([self._local(i)[lo:lo + n] for i, lo, _, n in self.pieces]).cpu()
+    def _weight_pieces(self) -> list[Tensor]:
+        """This trainer's share of the live weights, piece by piece: on the CPU views of the
+        parameters themselves (no copy; `before_update` keeps the optimizer from changing them
+        while they are sent), elsewhere CPU copies."""
+        return [self._local(i)[lo:lo + n].cpu() for i, lo, _, n in self.pieces]
+
+    def before_update(self) -> None:
+        """Called by the engine before the optimizer changes the weights: waits until the shares
+        of w_t sent at the start of this step have left (they have, unless the attacker is still
+        busy with an earlier step). The attackers then hold this step's header and every message
+        of earlier steps, so those sends are released too."""
+        self.outbox.wait(self.weight_sends, before=self.sent_step)
+        self.weight_sends, self.staged = [], []
 
     def _send_job(self, step: int, new: list[int]) -> None:
-        weights = self._stage_weights()
+        self.before_update()  # a step that ended without an update (an exception) left its sends pending
+        weights = self._weight_pieces()
+        self.sent_step = step
+        self.staged = [] if self.device.type == "cpu" else weights
         for a in self.link.layout.attackers:
             payload = None
             if a == self.attacker and new:
@@ -380,10 +410,10 @@ class Remote:
                     "buffers": [b.detach().cpu() for b in self.module.buffers()],
                     "modes": [m.training for m in self.module.modules()]})
             length = 0 if payload is None else payload.numel()
-            self.outbox.send(torch.tensor([_JOB, step, length], dtype=torch.int64), a, _TAG_HEADER)
-            self.outbox.send(weights, a, _TAG_WEIGHTS)
+            self.outbox.send(torch.tensor([_JOB, step, length], dtype=torch.int64), a, _TAG_HEADER, step)
+            self.weight_sends += [self.outbox.send(piece, a, _TAG_WEIGHTS, step) for piece in weights]
             if payload is not None:
-                self.outbox.send(payload, a, _TAG_PAYLOAD)
+                self.outbox.send(payload, a, _TAG_PAYLOAD, step)
         for s in new:
             self.queue[s].sent = True
             self.queue[s].deltas = [None] * len(self.queue[s].batches)
@@ -412,7 +442,6 @@ class Remote:
     def prepare(self, step: int, pull: Callable[[], list[B.Batch]], source: object) -> list[tuple[B.Batch, Tensor]]:
         if self.stopped:
             raise StopIteration  # the attackers have left; no δ can come
-        self.outbox.reap()
         if self.queue and min(self.queue) != step:
             raise RuntimeError(f"conadv split: step {step} requested while steps {sorted(self.queue)} are pending: "
                                "steps must be taken in order")
@@ -466,8 +495,9 @@ class Remote:
         self.outbox.drain()
 
     def extra_bytes(self) -> int:
-        """Bytes of staged weight shares still in flight to the attackers."""
-        return self.outbox.nbytes()
+        """Bytes of weight copies held for the attackers: none on the CPU (the parameters are sent
+        as they are), this trainer's CPU-staged share on other devices."""
+        return sum(t.numel() * t.element_size() for t in self.staged)
 
     def state_dict(self) -> dict:
         """The micro-batches pulled ahead with their δ (waited for): a resumed run trains them
@@ -531,7 +561,8 @@ class SplitAttacker:
         if kinds.pop() == _STOP:
             raise StopIteration
         payloads = {t: torch.empty(heads[t][2], dtype=torch.uint8) for t in self.trainers if heads[t][2] > 0}
-        works = [side.recv([buf], t, _TAG_WEIGHTS) for t, buf in zip(layout.trainers, self.weights.inbox)]
+        works = [side.recv([piece], t, _TAG_WEIGHTS) for k, t in enumerate(layout.trainers)
+                 for piece in self.weights.targets(k)]
         works += [side.recv([buf], t, _TAG_PAYLOAD) for t, buf in payloads.items()]
         for w in works:
             w.wait()
