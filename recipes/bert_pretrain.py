@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--eval_interval", type=int, default=0, help="held-out evaluation every N steps (0: at the end)")
     p.add_argument("--conadv", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry_run", action="store_true", help="validate the config for --world_size and print the plan")
+    p.add_argument("--world_size", type=int, help="world size for --dry_run")
     p.add_argument("--record_deltas", type=int, default=0, metavar="N",
                    help="save the first N steps' δ, batches and preceding weights (rank 0) for inspection")
     return p.parse_args(argv)
@@ -81,7 +83,9 @@ def main(argv=None) -> None:
     if not path:
         raise ConfigError("no config: pass --deepspeed_config or launch with accelerate's --deepspeed_config_file")
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = args.world_size if args.dry_run and args.world_size else int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1:
+        raise ConfigError(f"--world_size={world}: must be >= 1")
     raw = load_json(path)
     recipe = validate_block(BertRecipe, raw.pop("recipe", {}), "recipe")
     for key in ("model_size", "max_seq_length", "max_steps", "phase2_seq_length", "phase2_steps"):
@@ -89,6 +93,9 @@ def main(argv=None) -> None:
             setattr(args, key, getattr(recipe, key))
     ds, conadv = split_config(raw, world)
     conadv = with_overrides(conadv, parse_overrides(args.conadv))
+    if conadv.adversarial and conadv.schedule == "split":
+        raise ConfigError("conadv.schedule='split': this recipe runs clean, disadv and conadv; attacker ranks "
+                          "are available through conadv_ds.initialize and recipes/resnet_imagenet.py")
     if conadv.adversarial and conadv.space != "embedding":
         raise ConfigError(f"conadv.space={conadv.space!r}: this recipe perturbs word embeddings; set 'embedding'")
     from conadv_ds import optim
@@ -100,6 +107,16 @@ def main(argv=None) -> None:
     for f in args.train_files or []:
         if not Path(f).is_file():
             raise ConfigError(f"--train_files: {f!r} not found")
+    if args.dry_run:
+        tb = micro * gas * world
+        print(f"plan for {path} on {world} ranks: train_batch_size {tb} = micro-batch {micro} × gradient "
+              f"accumulation {gas} × world size {world}; BERT-{args.model_size}, sequence length "
+              f"{args.max_seq_length}, {args.max_steps} steps"
+              + (f" then {args.phase2_steps} at {args.phase2_seq_length}" if args.phase2_steps else "")
+              + f"; optimizer {opt_spec['type']}, conadv "
+              + (f"{conadv.schedule} τ={conadv.staleness} ε={conadv.epsilon:g} {conadv.norm} steps={conadv.steps}"
+                 if conadv.adversarial else "off"))
+        return
     train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspeed)
 
 

@@ -115,3 +115,23 @@ def test_offline_tokenizer_round_trips(tmp_path):
     assert decoded.split() and decoded.replace(" ", "") == sentence.lower().replace(" ", "")  # uncased, same text
     reloaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
     assert reloaded(sentence)["input_ids"] == ids
+
+
+def _dry_run(*args):
+    cmd = [sys.executable, str(RECIPE), "--dry_run", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_dry_run_validates_without_a_launcher():
+    ok = _dry_run("--deepspeed_config", "ds_configs/bert_32k.json", "--world_size", "2")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "train_batch_size 32768 = micro-batch 16 × gradient accumulation 1024 × world size 2" in ok.stdout
+    bad = _dry_run("--deepspeed_config", "ds_configs/bert_32k.json", "--world_size", "3")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == ("error: train_batch_size=32768: not divisible by train_micro_batch_size_per_gpu "
+                                  "(16) × world size (3); allowed: multiples of 48")
+    split = _dry_run("--deepspeed_config", "ds_configs/bert_demo.json", "--world_size", "2",
+                     "--conadv", "schedule=split")
+    assert split.returncode == 2 and split.stderr.count("\n") == 1
+    assert split.stderr.startswith("error: conadv.schedule='split': this recipe runs clean, disadv and conadv")
