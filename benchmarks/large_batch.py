@@ -22,7 +22,7 @@ from pathlib import Path
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_here, os.path.dirname(_here)]
 
-from harness import ensure_ranks, rank0, say  # noqa: E402
+from harness import ensure_ranks, rank0  # noqa: E402
 
 METHODS = {
     "lars": {"enabled": False},

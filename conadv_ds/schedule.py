@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from torch import Tensor
 

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import math
 import os
 import sys
 import time

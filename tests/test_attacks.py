@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from conadv_ds.adversary import Adversary
 from conadv_ds.attacks import pgd, random_start, random_wrong_labels

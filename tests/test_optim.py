@@ -1,7 +1,6 @@
 """LARS and LAMB against hand-written single-process formulas; exact under ZeRO 1/2/3 on 2 ranks;
 schedules against closed forms; optimizer/scheduler config errors."""
 
-import math
 
 import pytest
 import torch

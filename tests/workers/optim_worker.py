@@ -6,14 +6,13 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
-from tests.test_optim import MICRO, OPTIMIZERS, STEPS, make_mlp, mlp_batches  # noqa: E402
+from tests.test_optim import MICRO, OPTIMIZERS, make_mlp, mlp_batches  # noqa: E402
 
 
 def run(stage, name, naive=False):
