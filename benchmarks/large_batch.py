@@ -7,7 +7,7 @@ then evaluates clean test top-1. Rows are appended to `<out>/results.csv` as the
 interrupted study resumes where it stopped; `<out>/results.md` and `<out>/accuracy_vs_batch.png`
 are written at the end.
 
-    python benchmarks/large_batch.py                  # the full grid (about an hour on 2 CPU cores)
+    python benchmarks/large_batch.py                  # the full grid (about 80 minutes on 2 CPU cores)
     python benchmarks/large_batch.py --quick          # a few minutes, no accuracy claims
 """
 

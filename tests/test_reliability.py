@@ -40,13 +40,27 @@ def test_nonfinite_loss_aborts_with_a_clear_message(resumed):
         assert "loss is nan for 2 consecutive steps" in r["message"] and "max_nonfinite_steps=2" in r["message"]
 
 
-@pytest.mark.parametrize("kill_in", ["deepspeed", "conadv_state", "publish", "latest"])
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path, kill_in):
-    died = launch("kill_worker.py", "--ckpt", str(tmp_path), "--kill_in", kill_in, check=False)
+KILL_POINTS = ["deepspeed", "conadv_state", "publish", "latest"]
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Per kill point: the dying run, its folder; then one launch verifies every folder."""
+    runs = {}
+    for kill_in in KILL_POINTS:
+        d = tmp_path_factory.mktemp(f"kill_{kill_in}")
+        runs[kill_in] = (launch("kill_worker.py", "--ckpt", str(d), "--kill_in", kill_in, check=False), d)
+    verified = launch("kill_worker.py", "--verify", *[str(d) for _, d in runs.values()])
+    return runs, verified.stdout
+
+
+@pytest.mark.parametrize("kill_in", KILL_POINTS)
+def test_kill_during_save_keeps_previous_checkpoint(killed, kill_in):
+    runs, verified = killed
+    died, d = runs[kill_in]
     assert died.returncode != 0 and "second save completed" not in died.stdout
-    assert (tmp_path / "latest").read_text() == "global_step2"
-    ok = launch("kill_worker.py", "--ckpt", str(tmp_path), "--verify")
-    assert ok.stdout.count("verified checkpoint global_step2") == WORLD
+    assert (d / "latest").read_text() == "global_step2"
+    assert verified.count(f"verified checkpoint global_step2 in {d}\n") == WORLD
 
 
 def test_one_rank_failing_ends_the_run_quickly():

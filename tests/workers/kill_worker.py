@@ -1,5 +1,5 @@
 """Saves a checkpoint, then dies by SIGKILL in the middle of the next save (--kill_in), or
-(--verify) loads the latest checkpoint and checks it is the complete first one."""
+(--verify DIR...) loads each folder's latest checkpoint and checks it is the complete first one."""
 
 import argparse
 import os
@@ -30,20 +30,22 @@ def die_on_call(module, name, after=0):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--ckpt")
     parser.add_argument("--kill_in", choices=["deepspeed", "conadv_state", "publish", "latest"])
-    parser.add_argument("--verify", action="store_true")
+    parser.add_argument("--verify", nargs="+", metavar="DIR")
     args = parser.parse_args()
+    if args.verify:
+        for d in args.verify:  # a fresh engine per folder: nothing carries over from the previous load
+            engine, *_ = conadv_ds.initialize(model=make_model(seed=7), config=ds_config(2, 1, {"staleness": 1}))
+            engine.load_checkpoint(d)
+            expected = torch.load(os.path.join(d, f"expected_rank{engine.global_rank}.pt"))
+            got = [p.detach() for p in engine.module.parameters()]
+            same = engine.global_steps == 2 and all(torch.equal(a, b) for a, b in zip(expected, got))
+            verdict = "verified" if same else "WRONG"
+            print(f"rank {engine.global_rank}: {verdict} checkpoint {ckpt.read_latest(d)} in {d}", flush=True)
+        return
     engine, *_ = conadv_ds.initialize(model=make_model(), config=ds_config(2, 1, {"staleness": 1}))
     data = iter([rank_slice(mb, engine.global_rank) for step in digits_batches(6) for mb in step])
-    if args.verify:
-        engine.load_checkpoint(args.ckpt)
-        expected = torch.load(os.path.join(args.ckpt, f"expected_rank{engine.global_rank}.pt"))
-        got = [p.detach() for p in engine.module.parameters()]
-        assert engine.global_steps == 2, engine.global_steps
-        assert all(torch.equal(a, b) for a, b in zip(expected, got)), "loaded weights differ from the saved ones"
-        print(f"rank {engine.global_rank}: verified checkpoint {ckpt.read_latest(args.ckpt)}", flush=True)
-        return
     for _ in range(2):
         engine.train_batch(data)
     engine.save_checkpoint(args.ckpt)
