@@ -104,3 +104,16 @@ def test_bad_conadv_flag_is_one_line(flag, expected):
     proc = subprocess.run([sys.executable, str(RECIPE), "--deepspeed_config", str(ROOT / "ds_configs" / "demo.json"),
                            "--dry_run", "--world_size", "2", "--conadv", flag], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr
+
+
+def test_split_recipe_matches_in_process_conadv(tmp_path):
+    """demo_split.json on 2 ranks (1 trainer + 1 attacker) against the same config with the
+    in-process conadv schedule on 1 rank: the same trajectory, so the same final weights."""
+    cfg = str(ROOT / "ds_configs" / "demo_split.json")
+    split = launch(RECIPE, "--deepspeed_config", cfg, "--max_steps", "4", "--output_dir", str(tmp_path / "split"))
+    inproc = launch(RECIPE, "--deepspeed_config", cfg, "--max_steps", "4", "--output_dir", str(tmp_path / "inproc"),
+                    "--conadv", "schedule=conadv", "--conadv", "attacker_ranks=null", nproc=1)
+    assert "split" not in json.loads((tmp_path / "inproc" / "effective_config.json").read_text())["conadv"]["schedule"]
+    assert json.loads((tmp_path / "split" / "effective_config.json").read_text())["conadv"]["schedule"] == "split"
+    assert sha(split) == sha(inproc)
+    assert split.stdout.count("weights_sha256=") == 1  # printed by the trainer only
