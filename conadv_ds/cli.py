@@ -48,14 +48,18 @@ def parse_overrides(pairs: Sequence[str]) -> dict:
 
 
 def validate(config: str, world_size: int) -> dict:
-    """Everything conadv_ds checks before DeepSpeed starts; returns the resolved summary."""
-    from . import optim
+    """Everything conadv_ds checks before DeepSpeed starts; returns the resolved summary. With
+    schedule 'split', `world_size` counts every launched rank and the batch counts the trainers."""
+    from . import optim, split
     from .config import resolve_batch
 
+    layout = split.plan(config, launch_size=world_size)
+    launched, world_size = world_size, len(layout.trainers) if layout else world_size
     ds, conadv = split_config(config, world_size)
     ds_for_deepspeed, opt_spec, sched_spec = optim.prepare_ds_config(ds, world_size)
     tb, micro, gas = resolve_batch(ds_for_deepspeed, world_size)
-    return {"world_size": world_size, "train_batch_size": tb, "micro_batch_per_rank": micro,
+    split_plan = {"attacker_ranks": list(layout.attackers), "launched_ranks": launched} if layout else {}
+    return {"world_size": world_size, **split_plan, "train_batch_size": tb, "micro_batch_per_rank": micro,
             "gradient_accumulation_steps": gas,
             "zero_stage": ds_for_deepspeed.get("zero_optimization", {}).get("stage", 0),
             "optimizer": (opt_spec or ds_for_deepspeed.get("optimizer") or {}).get("type"),

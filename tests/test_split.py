@@ -109,3 +109,15 @@ def test_zero3_hpz_must_divide_trainers(monkeypatch):
 def test_not_split_means_no_layout(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert split.plan(ds_config(2, 1, DETERMINISTIC)) is None
+
+
+def test_validate_counts_trainers(tmp_path):
+    from conadv_ds.cli import validate
+
+    cfg = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 8,
+           "conadv": {"schedule": "split", "attacker_ranks": [0]}}
+    summary = validate(cfg, 3)
+    assert summary["world_size"] == 2 and summary["attacker_ranks"] == [0] and summary["launched_ranks"] == 3
+    assert summary["gradient_accumulation_steps"] == 1
+    with pytest.raises(ConfigError, match="leaves no trainer rank in world size 1|needs at least 2 ranks"):
+        validate(cfg, 1)
