@@ -63,6 +63,9 @@ class ConAdvTrainingArguments(TrainingArguments):
     def __post_init__(self):
         self.conadv_config = merge_conadv(self.conadv, self.deepspeed if isinstance(self.deepspeed, (str, dict))
                                           else None)
+        if self.conadv_config.adversarial and self.conadv_config.schedule == "split":
+            raise ConfigError("conadv.schedule='split': the Trainer runs 'disadv' and 'conadv'; attacker ranks "
+                              "are available through conadv_ds.initialize")
         if isinstance(self.deepspeed, (str, Path, dict)):
             ds = load_json(self.deepspeed)
             ds.pop(CONADV_KEY, None)

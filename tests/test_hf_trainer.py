@@ -136,6 +136,8 @@ def test_conadv_sources(tmp_path):
     with pytest.raises(ConfigError, match="conadv.stepz: unknown key"):
         merge_conadv({"stepz": 1}, None)
     assert not merge_conadv(None, None).enabled
+    with pytest.raises(ConfigError, match=r"^conadv.schedule='split': the Trainer runs 'disadv' and 'conadv'"):
+        ConAdvTrainingArguments(output_dir=str(tmp_path / "out"), conadv={"schedule": "split"}, report_to=[])
 
 
 def test_two_rank_deepspeed_zero3(tmp_path):
