@@ -131,8 +131,7 @@ class ConAdvEngine:
         """Schedule 'split': the attacker ranks' `train_batch` raises StopIteration from now on,
         so the same loop ends on every rank. Call it on every trainer when training ends early
         (the end of the data does it anyway); a no-op for the other schedules."""
-        if hasattr(self.schedule, "stop"):
-            self.schedule.stop(self.ds.global_steps)
+        self.schedule.stop(self.ds.global_steps)
 
     def _check_finite(self, loss: float) -> None:
         limit = self.conadv.max_nonfinite_steps

@@ -40,6 +40,9 @@ class Clean:
     def before_update(self) -> None:
         """Called before the optimizer step changes the weights."""
 
+    def stop(self, step: int) -> None:
+        """Training ends at `step`: release whatever serves the schedule (attacker ranks)."""
+
     def state_dict(self) -> dict:
         """What a checkpoint must hold to continue the schedule exactly."""
         return {}

@@ -370,8 +370,8 @@ class Remote:
         self.sent_step = 0
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
-            raise ConfigError(f"conadv.schedule='split': the model's parameters have several dtypes {sorted(map(str, dtypes))}; "
-                              "one is needed to stream them to the attackers")
+            raise ConfigError(f"conadv.schedule='split': the model's parameters have several dtypes "
+                              f"{sorted(map(str, dtypes))}; one is needed to stream them to the attackers")
         self.pieces = _own_pieces(self.params, self.zero3, layout.trainers.index(self.link.rank), len(layout.trainers))
         self.link.begin(self)
         for a in layout.attackers:

@@ -218,8 +218,6 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
     config = {k: v for k, v in raw.items() if k != "recipe"}
     engine, _, _, _ = conadv_ds.initialize(model=model, config=config, conadv=overrides or None, loss_fn=loss_fn,
                                            perturb=PixelSpace(parts=2 if recipe.autoaugment else 1))
-    steps_per_epoch = len(images.train) // tb
-    total = total_steps(ds, recipe, steps_per_epoch, args.max_steps)
     if engine.is_attacker:  # schedule 'split': serve the trainers' steps until they stop
         with contextlib.suppress(StopIteration):
             while True:
@@ -230,6 +228,8 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
         out.mkdir(parents=True, exist_ok=True)
         (out / "effective_config.json").write_text(json.dumps({**config, "conadv": engine.conadv.model_dump(),
                                                                "recipe": recipe.model_dump()}, indent=2))
+    steps_per_epoch = len(images.train) // tb
+    total = total_steps(ds, recipe, steps_per_epoch, args.max_steps)
     if (args.resume or args.eval_only) and (out / "latest").is_file():
         engine.load_checkpoint(str(out))
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else None

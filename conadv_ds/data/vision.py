@@ -13,6 +13,7 @@ in pixel units) and integer labels.
 from __future__ import annotations
 
 import gzip
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -114,8 +115,6 @@ class SkipUnreadable(Dataset):
         return len(self.folder)
 
     def __getitem__(self, i: int):
-        import warnings
-
         for k in range(len(self.folder)):
             j = (i + k) % len(self.folder)
             try:
