@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, FieldError, did_you_mean
 
 CONADV_KEY = "conadv"
 PIXEL_EPSILON = 9 / 255
@@ -103,17 +103,17 @@ class ConAdvConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "ConAdvConfig":
         if self.steps < 1:
-            raise _FieldError("steps", self.steps, "must be >= 1")
+            raise FieldError("steps", self.steps, "must be >= 1")
         if self.schedule in ("conadv", "split") and self.staleness < 1:
-            raise _FieldError("staleness", self.staleness,
+            raise FieldError("staleness", self.staleness,
                               f"must be >= 1 for schedule '{self.schedule}' (staleness 0 is schedule 'disadv')")
         if self.stale_weights == "lookahead" and self.schedule == "conadv" and self.staleness != 1:
-            raise _FieldError("stale_weights", "lookahead",
+            raise FieldError("stale_weights", "lookahead",
                               f"needs staleness 1 (got {self.staleness}); use 'snapshot' or 'auto'")
         if self.space == "embedding" and "clip_range" not in self.model_fields_set:
             object.__setattr__(self, "clip_range", None)
         if self.schedule != "split" and self.attacker_ranks is not None:
-            raise _FieldError("attacker_ranks", self.attacker_ranks, "is only valid with schedule 'split'")
+            raise FieldError("attacker_ranks", self.attacker_ranks, "is only valid with schedule 'split'")
         return self
 
     @property
@@ -127,14 +127,6 @@ class ConAdvConfig(BaseModel):
                 and self.stale_weights in ("auto", "lookahead"))
 
 
-class _FieldError(ValueError):
-    """A cross-field check failure that names its own field."""
-
-    def __init__(self, field: str, value: Any, rule: str):
-        super().__init__(rule)
-        self.field, self.value, self.rule = field, value, rule
-
-
 def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> ConfigError:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -145,7 +137,7 @@ def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> Conf
         return ConfigError(f"{field}: unknown key{did_you_mean(str(first['loc'][-1]), model.model_fields)}; "
                            f"allowed: {allowed}")
     ctx_err = (first.get("ctx") or {}).get("error")
-    if isinstance(ctx_err, _FieldError):
+    if isinstance(ctx_err, FieldError):
         return ConfigError(f"{prefix}.{ctx_err.field}={ctx_err.value!r}: {ctx_err.rule}")
     msg = first["msg"].removeprefix("Value error, ")
     return ConfigError(f"{field}={value!r}: {msg}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Any, Iterable
 
 
 class ConfigError(ValueError):
@@ -12,6 +12,15 @@ class ConfigError(ValueError):
     The message is one line: the field (or file), the bad value and what is allowed, so that
     launchers and recipes can print it without a traceback.
     """
+
+
+class FieldError(ValueError):
+    """Raised inside a pydantic validator for a rule that spans fields: names the field it blames,
+    so that the one-line `ConfigError` built from it points at that field, not at the block."""
+
+    def __init__(self, field: str, value: Any, rule: str):
+        super().__init__(rule)
+        self.field, self.value, self.rule = field, value, rule
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -20,8 +20,8 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from ..config import _FieldError, resolve_batch, validate_block
-from ..errors import ConfigError
+from ..config import resolve_batch, validate_block
+from ..errors import ConfigError, FieldError
 from .layerwise import LAMB, LARS, param_groups
 from .schedules import WarmupPolyDecay
 from .zero_layout import layouts_for
@@ -83,7 +83,7 @@ class LAMBParams(_Strict):
     @model_validator(mode="after")
     def _trust(self) -> "LAMBParams":
         if self.min_trust is not None and self.max_trust is not None and self.min_trust > self.max_trust:
-            raise _FieldError("min_trust", self.min_trust, f"must be <= max_trust ({self.max_trust})")
+            raise FieldError("min_trust", self.min_trust, f"must be <= max_trust ({self.max_trust})")
         return self
 
 
@@ -112,12 +112,12 @@ class WarmupPolyDecayParams(_Strict):
     @model_validator(mode="after")
     def _warmup(self) -> "WarmupPolyDecayParams":
         if (self.warmup_num_steps is None) == (self.warmup_ratio is None):
-            raise _FieldError("warmup_num_steps", self.warmup_num_steps, "set exactly one of warmup_num_steps and "
+            raise FieldError("warmup_num_steps", self.warmup_num_steps, "set exactly one of warmup_num_steps and "
                               "warmup_ratio")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
-            raise _FieldError("warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+            raise FieldError("warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         if self.warmup_num_steps is not None and not 0 <= self.warmup_num_steps <= self.total_num_steps:
-            raise _FieldError("warmup_num_steps", self.warmup_num_steps,
+            raise FieldError("warmup_num_steps", self.warmup_num_steps,
                               f"must be in [0, total_num_steps={self.total_num_steps}]")
         return self
 
