@@ -1,130 +1,267 @@
-"""The large-batch study: test accuracy against batch size, LARS alone vs DisAdv vs ConAdv
-(vs ConAdv + AutoAugment), on real data (Fashion-MNIST) at a fixed epoch budget, 2 CPU ranks.
+"""The large-batch study: a generalization gap on real data, and how much of it each method closes.
 
-Every (method, batch) cell trains a small ResNet from the same initialisation with LARS, linear
-warmup and polynomial decay, the learning rate scaled by the square-root rule from batch 256,
-then evaluates clean test top-1. Rows are appended to `<out>/results.csv` as they finish, so an
-interrupted study resumes where it stopped; `<out>/results.md` and `<out>/accuracy_vs_batch.png`
-are written at the end.
+Fashion-MNIST, a small training subset average-pooled to 14×14, a small ResNet, LARS with linear
+warmup and polynomial decay, the learning rate scaled from batch 256 by the square-root rule, the
+same number of epochs at every batch size, 2 CPU ranks. The subset is small enough that every
+batch size fits it (train accuracy near 100%), so what separates the batches is test accuracy.
 
-    python benchmarks/large_batch.py                  # the full grid (about 80 minutes on 2 CPU cores)
-    python benchmarks/large_batch.py --quick          # a few minutes, no accuracy claims
+Methods (every one is LARS underneath):
+
+- `lars`      plain LARS;
+- `lars+ls`   LARS with label-smoothed cross-entropy (0.1): the cheap regulariser a user might
+              pick instead of an adversarial term;
+- `disadv`    adversarial training with the current weights (attack, then train: 2 sequential passes);
+- `conadv`    ConAdv, the attack made with weights τ=1 step old;
+- `conadv+aa` ConAdv + AutoAugment: clean, AutoAugment and adversarial views of the SAME images
+              (as many distinct images per step as every other cell), each 1/3 of the loss. These
+              cells run last; rerun them alone with `--redo conadv+aa`.
+
+Plus an ε sweep of ConAdv at the largest batch. Every (method, batch, ε, seed) cell trains from the
+seed's initialisation, data order and attack stream, then evaluates clean top-1 on the test set and
+on the training subset (eval mode). Rows are appended to `<output_dir>/results.csv` as they finish;
+a rerun skips the cells already there. `results.md`, `summary.json` and `accuracy_vs_batch.png` are
+written at the end (or with `--report_only`).
+
+    python benchmarks/large_batch.py --output_dir runs/large_batch   # the full grid (~2 h on 2 shared cores)
+    python benchmarks/large_batch.py --quick --output_dir /tmp/q     # smoke test on the digits, < 1 min
+    python benchmarks/large_batch.py --output_dir runs/large_batch --redo conadv+aa   # drop + rerun AA cells
 """
+
+from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import os
-import sys
+import statistics
 import time
 from pathlib import Path
 
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_here, os.path.dirname(_here)]
-
-from harness import ensure_ranks, rank0  # noqa: E402
+from harness import ensure_ranks, rank0
 
 METHODS = {
     "lars": {"enabled": False},
+    "lars+ls": {"enabled": False},
     "disadv": {"schedule": "disadv"},
     "conadv": {"schedule": "conadv", "staleness": 1},
     "conadv+aa": {"schedule": "conadv", "staleness": 1, "adv_weight": 1 / 3},
 }
-ATTACK = {"epsilon": 8 / 255, "step_size": 8 / 255, "steps": 1, "targeted": True, "clean_start_prob": 0.2,
-          "aux_bn": True}
-FIELDS = ["method", "batch", "epochs", "steps", "test_top1", "train_loss", "seconds"]
+ADVERSARIAL = ("disadv", "conadv", "conadv+aa")
+LABEL_SMOOTHING = 0.1
+ATTACK = {"steps": 1, "targeted": True, "clean_start_prob": 0.2, "aux_bn": True}
+KEY = ("method", "batch", "eps255", "seed")
+FIELDS = [*KEY, "epochs", "steps", "train_size", "test_top1", "train_top1", "train_loss", "seconds",
+          "eval_seconds"]
+# what a row's numbers depend on besides its key: a resumed study must not mix settings
+SETTINGS = ("dataset", "train_size", "image_size", "width", "epochs", "base_lr", "lr_rule", "weight_decay",
+            "momentum", "warmup", "power", "zero_stage")
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/large_batch")
-    p.add_argument("--batches", default="128,512,2048,8192,16384")
+    p.add_argument("--output_dir", "--out", dest="output_dir", default="runs/large_batch")
+    p.add_argument("--batches", default="64,128,512,1024",
+                   help="global batch sizes; the smallest is the small-batch reference of the gap")
+    p.add_argument("--method_batches", default="512,1024",
+                   help="the batches every method runs at (10%% and 20%% of the subset); the others run only "
+                        "--reference_methods; 'all' for every batch")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--epochs", type=float, default=10)
-    p.add_argument("--train_size", type=int, default=60000, help="first N training images")
+    p.add_argument("--reference_methods", default="lars",
+                   help="the methods (of --methods) run at the batches outside --method_batches")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--eps", type=float, default=8, help="ε (= PGD step) on the 0-255 scale")
+    p.add_argument("--eps_sweep", default="4,16", help="extra ConAdv ε values (0-255) at the largest batch")
+    p.add_argument("--epochs", type=float, default=60)
+    p.add_argument("--train_size", type=int, default=5120, help="first N training images")
     p.add_argument("--image_size", type=int, default=14, help="images are average-pooled to this size")
     p.add_argument("--width", type=int, default=8)
-    p.add_argument("--base_lr", type=float, default=2.0, help="LARS lr at batch 256 (sqrt rule)")
+    p.add_argument("--base_lr", type=float, default=6.0, help="LARS lr at batch 256")
+    p.add_argument("--lr_rule", default="sqrt", choices=["sqrt", "linear"])
+    p.add_argument("--weight_decay", type=float, default=5e-5)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
+    p.add_argument("--power", type=float, default=2.0, help="polynomial decay power")
+    p.add_argument("--zero_stage", type=int, default=2, help="ZeRO stage (the same numbers at any stage)")
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    p.add_argument("--redo", default="", help="methods whose rows are removed from the CSV (backed up) and rerun")
+    p.add_argument("--report_only", action="store_true", help="write the report from the CSV, train nothing")
     p.add_argument("--quick", action="store_true", help="tiny grid on the digits, for smoke tests")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.dataset, args.batches, args.epochs, args.image_size, args.train_size = "digits", "64,256", 2, 8, 1024
+        args.method_batches = "256"
+        args.seeds, args.eps_sweep, args.base_lr = "0,1", "4", 2.0
     return args
 
 
-def done_cells(path: Path) -> set:
+def fmt_eps(v: float) -> str:
+    return f"{float(v):g}"
+
+
+def build_grid(args) -> list[tuple[str, int, str, int]]:
+    """Cells as (method, batch, eps255, seed), seed-major so that a partial study covers every cell
+    of the first seeds; all conadv+aa cells come last."""
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    batches = sorted(int(b) for b in args.batches.split(","))
+    at_ref = args.reference_methods.split(",")
+    full = batches if args.method_batches == "all" else [int(b) for b in args.method_batches.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sweep = [fmt_eps(e) for e in args.eps_sweep.split(",") if e and fmt_eps(e) != fmt_eps(args.eps)]
+
+    def eps_of(m):
+        return fmt_eps(args.eps) if m in ADVERSARIAL else "0"
+
+    grid = []
+    for phase in ("main", "aa"):
+        for seed in seeds:
+            for b in batches:
+                for m in methods:
+                    if (m == "conadv+aa") == (phase == "aa") and (b in full or m in at_ref):
+                        grid.append((m, b, eps_of(m), seed))
+            if phase == "main" and "conadv" in methods:
+                grid += [("conadv", max(batches), e, seed) for e in sweep]
+    return grid
+
+
+def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
-        return set()
+        return []
     with open(path) as f:
-        return {(r["method"], int(r["batch"])) for r in csv.DictReader(f)}
+        return list(csv.DictReader(f))
 
 
-def main() -> None:
-    args = parse_args()
+def key_of(row: dict) -> tuple[str, int, str, int]:
+    return row["method"], int(row["batch"]), fmt_eps(row["eps255"]), int(row["seed"])
+
+
+def check_settings(out: Path, args) -> None:
+    """`study.json` records what the rows were trained with; resuming with other settings stops."""
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    path = out / "study.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{out}: its results were trained with other settings {diff} (recorded, given); "
+                             "use another --output_dir")
+    else:
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def redo(results: Path, methods: list[str]) -> int:
+    """Remove the rows of `methods` from the CSV (the old file kept as results.csv.bak)."""
+    rows = read_rows(results)
+    keep = [r for r in rows if r["method"] not in methods]
+    if len(keep) == len(rows):
+        return 0
+    results.replace(results.with_suffix(".csv.bak"))
+    with open(results, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(keep)
+    return len(rows) - len(keep)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    results = out / "results.csv"
+    if args.report_only:
+        report(results, out)
+        return
+    grid = build_grid(args)
+    if not os.environ.get("LARGE_BATCH_PREPARED") and rank0():
+        # once per study, before any rank starts: refuse other settings, drop the rows to redo
+        out.mkdir(parents=True, exist_ok=True)
+        check_settings(out, args)
+        if args.redo:
+            n = redo(results, args.redo.split(","))
+            print(f"--redo {args.redo}: removed {n} rows (old CSV kept as {results.with_suffix('.csv.bak')})",
+                  flush=True)
+        os.environ["LARGE_BATCH_PREPARED"] = "1"
+    # DeepSpeed JIT-builds its CPU shared-memory allreduce op at init_distributed; in the shared
+    # torch_extensions cache, other runs with other build flags make every start rebuild it (~60 s)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions_large_batch"))
     ensure_ranks()
 
+    import deepspeed
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from torch.utils.data import Subset, TensorDataset
+    from torch.utils.data import TensorDataset
     from tqdm import tqdm
 
     import conadv_ds
     from conadv_ds.data import vision as data
+    from conadv_ds.evaluation import evaluate
+    from conadv_ds.models import Normalize, SmallResNet
     from conadv_ds.perturb import PixelSpace
-    from conadv_ds.vision import Normalize, SmallResNet, evaluate
 
-    import deepspeed
-
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
     images = data.load(args.dataset, None)
 
-    def pooled(ds):
-        x = torch.stack([ds[i][0] for i in range(len(ds))])
-        y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    def pooled(ds, n=None):
+        x, y = ds.tensors
+        n = len(x) if n is None else min(n, len(x))
+        x, y = x[:n], y[:n]
         if x.shape[-1] != args.image_size:
             x = F.adaptive_avg_pool2d(x, args.image_size)
-        return TensorDataset(x, y)
+        return TensorDataset(x.contiguous(), y.contiguous())
 
-    train_full, test = pooled(Subset(images.train, range(min(args.train_size, len(images.train))))), pooled(images.val)
-    out = Path(args.out)
-    if rank0():
-        out.mkdir(parents=True, exist_ok=True)
+    train_set, test_set = pooled(images.train, args.train_size), pooled(images.val)
     dist.barrier()
-    results = out / "results.csv"
-    finished = done_cells(results)
-    grid = [(m, int(b)) for b in args.batches.split(",") for m in args.methods.split(",")]
+    finished = {key_of(r) for r in read_rows(results)}
     todo = [cell for cell in grid if cell not in finished]
-    rank, world = dist.get_rank(), dist.get_world_size()
-    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not rank0(), desc="study")
-    for method, batch in todo:
-        aa = method.endswith("+aa")
-        train = data.with_autoaugment(data.ImageData("", train_full, test, 10, 1, args.image_size, (0.5,), (0.5,))
-                                      ).train if aa else train_full
+    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), disable=not rank0(), desc="study", unit="cell",
+               dynamic_ncols=True, mininterval=5)
+    aa_train = data.with_autoaugment(data.ImageData("", train_set, test_set, 10, 1, args.image_size, (0.5,),
+                                                    (0.5,))).train
+
+    def ce(out_, batch):
+        return F.cross_entropy(out_, batch[1], label_smoothing=LABEL_SMOOTHING)
+
+    for method, batch, eps255, seed in todo:
+        bar.set_postfix_str(f"{method} b{batch} eps{eps255} s{seed}")
+        aa = method == "conadv+aa"
         micro = batch // world
-        steps_per_epoch = len(train_full) // batch
-        steps = max(1, round(args.epochs * steps_per_epoch))
+        steps = max(1, round(args.epochs * (len(train_set) // batch)))
+        eps = float(eps255) / 255
         cfg = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": micro, "gradient_clipping": 0.0,
-               "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 2},
-               "optimizer": {"type": "LARS", "params": {"lr": args.base_lr, "momentum": 0.9, "weight_decay": 5e-4,
+               "steps_per_print": 10 ** 9, "zero_optimization": {"stage": args.zero_stage},
+               "optimizer": {"type": "LARS", "params": {"lr": args.base_lr, "momentum": args.momentum,
+                                                        "weight_decay": args.weight_decay,
                                                         "trust_coefficient": 0.001}},
-               "lr_scaling": {"rule": "sqrt", "reference_batch_size": 256},
-               "scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_ratio": 0.2, "total_num_steps": steps,
-                                                                   "power": 2.0}},
-               "conadv": {**ATTACK, **METHODS[method]}}
-        torch.manual_seed(0)
+               "lr_scaling": {"rule": args.lr_rule, "reference_batch_size": 256},
+               "scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_ratio": args.warmup,
+                                                                   "total_num_steps": steps, "power": args.power}},
+               "conadv": {**ATTACK, "epsilon": max(eps, 1e-12), "step_size": max(eps, 1e-12),
+                          "seed": 1234 + seed, **METHODS[method]}}
+        torch.manual_seed(seed)
         model = torch.nn.Sequential(Normalize(images.mean, images.std), SmallResNet(10, 1, width=args.width))
-        engine, *_ = conadv_ds.initialize(model=model, config=cfg, perturb=PixelSpace(parts=2 if aa else 1))
-        stream = data.train_stream(train, micro // 2 if aa else micro, rank, world, seed=0,
+        engine, *_ = conadv_ds.initialize(model=model, config=cfg, perturb=PixelSpace(parts=2 if aa else 1),
+                                          loss_fn=ce if method == "lars+ls" else None)
+        # conadv+aa: `micro` distinct images per rank and step, each as a clean and an AutoAugment view
+        stream = data.train_stream(aa_train if aa else train_set, micro, rank, world, seed=seed,
                                    collate_fn=data.concat_views if aa else None)
         start, losses = time.time(), []
-        for _ in range(steps):
-            losses.append(engine.train_batch(stream)["loss"])
-        res = evaluate(engine.module, data.eval_loader(test, 1000, rank, world), epsilon=0.0, steps=0)
-        row = {"method": method, "batch": batch, "epochs": args.epochs, "steps": steps,
-               "test_top1": round(res["top1"], 4), "train_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4),
-               "seconds": round(time.time() - start, 1)}
+        for _ in tqdm(range(steps), disable=not rank0(), leave=False, desc="steps", mininterval=10,
+                      dynamic_ncols=True):
+            m = engine.train_batch(stream)
+            losses.append(m.get("clean_loss", m["loss"]))
+        seconds = time.time() - start
+        test = evaluate(engine.module, data.eval_loader(test_set, 1000, rank, world), epsilon=0.0, steps=0)
+        train = evaluate(engine.module, data.eval_loader(train_set, 1000, rank, world), epsilon=0.0, steps=0)
+        tail = losses[-max(1, steps // max(1, round(args.epochs))):]  # the last epoch's clean loss
+        row = {"method": method, "batch": batch, "eps255": eps255, "seed": seed, "epochs": args.epochs,
+               "steps": steps, "train_size": len(train_set), "test_top1": round(test["top1"], 4),
+               "train_top1": round(train["top1"], 4), "train_loss": round(sum(tail) / len(tail), 4),
+               "seconds": round(seconds, 1), "eval_seconds": round(time.time() - start - seconds, 1)}
         if rank0():
             new = not results.is_file()
             with open(results, "a", newline="") as f:
@@ -134,51 +271,140 @@ def main() -> None:
                 w.writerow(row)
             bar.write(json.dumps(row))
         bar.update(1)
-        del engine
+        del engine, model, stream
     bar.close()
+    dist.barrier()
     if rank0():
         report(results, out)
 
 
-def report(results: Path, out: Path) -> None:
-    """Markdown table, the PNG plot, and the share of the small-vs-large gap ConAdv closes."""
+# -- the report: everything below reads only the CSV ---------------------------------------------------------------
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per-cell statistics over seeds, the extra cost vs LARS, and the share of the LARS gap closed.
+
+    - cell: mean ± std (sample std over seeds) of test and train top-1, of the gap train − test,
+      and of the training seconds; `cost_vs_lars` = mean over seeds of seconds / LARS's seconds
+      at the same batch and seed.
+    - closed: for each batch B above the smallest b0, G = mean(LARS test at b0) − mean(LARS test at
+      B); per seed s, (test[m, B, s] − test[LARS, B, s]) / G; reported as mean ± std over the
+      seeds both cells have.
+    """
+    cells: dict[tuple[str, int, str], dict[int, dict]] = {}
+    for r in rows:
+        m, b, e, s = key_of(r)
+        cells.setdefault((m, b, e), {})[s] = {k: float(r[k]) for k in ("test_top1", "train_top1", "seconds")}
+    lars = {b: v for (m, b, _), v in cells.items() if m == "lars"}
+    out = {"cells": [], "closed": []}
+    for (m, b, e), by_seed in sorted(cells.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]),
+                                                                      float(kv[0][2]))):
+        seeds = sorted(by_seed)
+        test = [by_seed[s]["test_top1"] for s in seeds]
+        train = [by_seed[s]["train_top1"] for s in seeds]
+        secs = [by_seed[s]["seconds"] for s in seeds]
+        c = {"method": m, "batch": b, "eps255": e, "seeds": seeds, "n": len(seeds),
+             "test": _mean_std(test), "train": _mean_std(train),
+             "gap": _mean_std([tr - te for tr, te in zip(train, test)]), "seconds": _mean_std(secs)}
+        paired = [s for s in seeds if s in lars.get(b, {})]
+        c["cost_vs_lars"] = (statistics.fmean(by_seed[s]["seconds"] / lars[b][s]["seconds"] for s in paired)
+                             if paired else None)
+        out["cells"].append(c)
+    batches = sorted({b for (_, b, _) in cells})
+    if batches and batches[0] in lars:
+        b0 = batches[0]
+        ref = statistics.fmean(v["test_top1"] for v in lars[b0].values())
+        for b in batches[1:]:
+            if b not in lars:
+                continue
+            gap = ref - statistics.fmean(v["test_top1"] for v in lars[b].values())
+            for (m, bb, e), by_seed in sorted(cells.items(), key=lambda kv: (list(METHODS).index(kv[0][0]),
+                                                                               float(kv[0][2]))):
+                if bb != b or m == "lars":
+                    continue
+                paired = sorted(s for s in by_seed if s in lars[b])
+                if not paired:
+                    continue
+                fr = [(by_seed[s]["test_top1"] - lars[b][s]["test_top1"]) / gap if gap != 0 else math.nan
+                      for s in paired]
+                out["closed"].append({"method": m, "batch": b, "eps255": e, "reference_batch": b0,
+                                      "lars_gap": gap, "seeds": paired, "fraction": _mean_std(fr)})
+    return out
+
+
+def report(results: Path, out: Path) -> dict:
+    """results.md (tables), summary.json (the same numbers) and accuracy_vs_batch.png, from the CSV."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(results) as f:
-        rows = list(csv.DictReader(f))
-    acc = {(r["method"], int(r["batch"])): float(r["test_top1"]) for r in rows}
-    secs = {(r["method"], int(r["batch"])): float(r["seconds"]) for r in rows}
-    methods = [m for m in METHODS if any(k[0] == m for k in acc)]
-    batches = sorted({b for _, b in acc})
-    lines = ["| batch | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for b in batches:
-        lines.append(f"| {b} | " + " | ".join(f"{acc[m, b]:.4f} ({secs[m, b]:.0f} s)" if (m, b) in acc else "–"
-                                            for m in methods) + " |")
-    small, large = batches[0], batches[-1]
-    summary = []
-    if ("lars", small) in acc and ("lars", large) in acc:
-        gap = acc["lars", small] - acc["lars", large]
-        for m in methods[1:]:
-            if (m, large) in acc:
-                closed = (acc[m, large] - acc["lars", large]) / gap if gap > 0 else float("nan")
-                summary.append(f"{m} at batch {large}: {acc[m, large]:.4f} vs LARS {acc['lars', large]:.4f}; "
-                               f"closes {closed:.0%} of the batch-{small}-vs-{large} LARS gap ({gap:.4f})")
-    (out / "results.md").write_text("\n".join(lines + [""] + [f"- {s}" for s in summary]) + "\n")
-    print("\n".join(lines + summary), flush=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        xs = [b for b in batches if (m, b) in acc]
-        ax.plot(xs, [acc[m, b] for b in xs], "o-", label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel("test top-1")
-    ax.set_title("Fixed epoch budget, LARS + sqrt LR scaling")
-    ax.legend()
+    rows = read_rows(results)
+    if not rows:
+        raise SystemExit(f"{results}: no rows to report")
+    s = summarize(rows)
+    def pm(ms, k=100, d=2):
+        return f"{ms[0] * k:.{d}f} ± {ms[1] * k:.{d}f}"
+
+    first = rows[0]
+    lines = [(f"{first['train_size']} training images, {first['epochs']} epochs at every batch; top-1 in %, "
+              "mean ± std over seeds; gap = train − test; time = training seconds per cell on 2 CPU ranks; "
+              "cost = time / LARS's at the same batch and seed."), "",
+             "| method | ε (/255) | batch | seeds | test top-1 | train top-1 | gap | time (s) | cost vs LARS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in s["cells"]:
+        cost = f"{c['cost_vs_lars']:.2f}×" if c["cost_vs_lars"] is not None else "–"
+        lines.append(f"| {c['method']} | {c['eps255'] if c['method'] in ADVERSARIAL else '–'} | {c['batch']} | "
+                     f"{c['n']} | {pm(c['test'])} | {pm(c['train'])} | {pm(c['gap'])} | "
+                     f"{c['seconds'][0]:.0f} ± {c['seconds'][1]:.0f} | {cost} |")
+    if s["closed"]:
+        lines += ["", ("Share of the LARS generalization gap closed (per seed: (method − LARS) at batch B, divided by "
+                       "mean LARS test at the smallest batch − mean LARS test at B; mean ± std over seeds):"), "",
+                  "| method | ε (/255) | batch | LARS gap (points) | closed |", "|---|---|---|---|---|"]
+        for c in s["closed"]:
+            lines.append(f"| {c['method']} | {c['eps255'] if c['method'] in ADVERSARIAL else '–'} | {c['batch']} | "
+                         f"{c['lars_gap'] * 100:.2f} vs batch {c['reference_batch']} | "
+                         f"{c['fraction'][0]:.0%} ± {c['fraction'][1]:.0%} |")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(s, indent=1) + "\n")
+    print(text, flush=True)
+
+    default_eps = {}
+    for c in s["cells"]:  # the ε the method runs at every batch (the sweep's extra values are single points)
+        default_eps.setdefault(c["method"], set()).add((c["batch"], c["eps255"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    batches = sorted({c["batch"] for c in s["cells"]})
+    for i, m in enumerate([m for m in METHODS if m in default_eps]):
+        per_eps: dict[str, list] = {}
+        for c in s["cells"]:
+            if c["method"] == m:
+                per_eps.setdefault(c["eps255"], []).append(c)
+        main_eps = max(per_eps, key=lambda e: len(per_eps[e]))
+        for e, cs in per_eps.items():
+            cs = sorted(cs, key=lambda c: c["batch"])
+            label = m + (f" ε={e}" if m in ADVERSARIAL else "")
+            style = {"marker": "o", "capsize": 3, "color": f"C{i}"}
+            if e != main_eps:
+                style.update(marker="^" if float(e) > float(main_eps) else "v", linestyle="none", alpha=0.7)
+            for ax, k in zip(axes, ("test", "train")):
+                ax.errorbar([c["batch"] for c in cs], [c[k][0] * 100 for c in cs], yerr=[c[k][1] * 100 for c in cs],
+                            label=label, **style)
+    for ax, k in zip(axes, ("test", "train (clean, eval mode)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("global batch size")
+        ax.set_ylabel(f"{k} top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"{first['train_size']} images, {first['epochs']} epochs at every batch, LARS")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_batch.png", dpi=110)
+    plt.close(fig)
+    return s
 
 
 if __name__ == "__main__":

@@ -12,13 +12,8 @@ also gives the whole engine step, which adds DeepSpeed's gradient norm and the w
 """
 
 import argparse
-import os
-import sys
 
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_here, os.path.dirname(_here)]
-
-from harness import alternate, ensure_ranks, say  # noqa: E402
+from harness import alternate, ensure_ranks, say
 
 
 def main() -> None:

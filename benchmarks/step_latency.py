@@ -14,15 +14,10 @@ line is the ratio for the first of them:
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_here, os.path.dirname(_here)]
-
-from harness import ensure_ranks, say  # noqa: E402
+from harness import ensure_ranks, say
 
 MODES = ("clean", "disadv", "conadv", "split")
 

@@ -7,6 +7,7 @@ batch does not depend on *when* it is computed and the training RNG is never adv
 
 from __future__ import annotations
 
+import random
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Optional
 
@@ -17,7 +18,7 @@ from . import batch as B
 from .attacks import pgd, random_wrong_labels
 from .bn import adversarial_branch, attack_bn_mode
 from .config import ConAdvConfig
-from .perturb import EmbeddingSpace, PixelSpace, attack_objective
+from .perturb import Space, attack_objective
 
 
 def attack_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -31,18 +32,19 @@ def attack_seed(seed: int, step: int, micro: int, rank: int) -> int:
 class Adversary:
     """Computes δ for one micro-batch with whatever weights are currently in the module."""
 
-    def __init__(self, module: nn.Module, space: PixelSpace | EmbeddingSpace, cfg: ConAdvConfig,
+    def __init__(self, module: nn.Module, space: Space, cfg: ConAdvConfig,
                  loss_fn: B.LossFn, rank: int, autocast: Callable[[], ContextManager] = nullcontext):
         self.module, self.space, self.cfg, self.loss_fn = module, space, cfg, loss_fn
         self.rank, self.autocast = rank, autocast
+        self.causal = B.is_causal_lm(module)
 
     def __call__(self, batch: B.Batch, step: int, micro: int) -> Tensor:
         cfg = self.cfg
         batch = self.space.adversarial_part(batch)
         seed = attack_seed(cfg.seed, step, micro, self.rank)
         device = _device_of(batch)
+        start_random = random.Random(seed).random() >= cfg.clean_start_prob  # a host draw: no device sync
         gen = torch.Generator(device=device).manual_seed(seed)
-        start_random = bool(torch.rand((), generator=gen, device=device) >= cfg.clean_start_prob)
         labels = B.labels(batch)
         target: list[Optional[Tensor]] = [None]
 
@@ -51,7 +53,7 @@ class Adversary:
                 out = self.space.forward(self.module, batch, delta, origin=x0)
             if cfg.targeted and target[0] is None:
                 target[0] = random_wrong_labels(labels, B.logits(out).shape[-1], gen)
-            return attack_objective(out, batch, target[0], self.loss_fn)
+            return attack_objective(out, batch, target[0], self.loss_fn, self.causal)
 
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), attack_bn_mode(self.module, cfg.attack_bn), \
@@ -60,7 +62,7 @@ class Adversary:
             x0, mask = self.space.origin(self.module, batch)
             return pgd(objective, x0, norm=cfg.norm, epsilon=cfg.epsilon, step_size=cfg.step_size,
                        steps=cfg.steps, start_random=start_random, generator=gen, mask=mask,
-                       clip_range=cfg.clip_range)
+                       clip_range=self.space.clip_for(batch))
 
 
 def _device_of(batch: Any) -> torch.device:

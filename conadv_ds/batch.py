@@ -66,11 +66,29 @@ def default_loss(output: Any, batch: Batch) -> Tensor:
     return F.cross_entropy(output, batch[1])
 
 
-def correct(output: Any, batch: Batch) -> tuple[int, int]:
-    """(correct, counted) top-1 predictions; positions labelled -100 are not counted."""
+def is_causal_lm(module: Any) -> bool:
+    """Whether `module` is a Hugging Face causal LM, whose logits at t predict the label at t+1."""
+    try:
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    get_name = getattr(module, "_get_name", None)
+    return callable(get_name) and get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def aligned(out: Tensor, y: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+    """Logits and the labels they predict (shifted by one position for causal LMs)."""
+    return (out[..., :-1, :], y[..., 1:]) if causal else (out, y)
+
+
+def correct(output: Any, batch: Batch, causal: bool = False) -> tuple[Tensor, Tensor]:
+    """(correct, counted) top-1 predictions as device tensors (no host sync); positions labelled
+    -100 are not counted."""
     y = labels(batch)
+    out = logits(output).detach()
     if y is None:
-        return 0, 0
-    pred = logits(output).detach().argmax(dim=-1)
+        zero = torch.zeros((), dtype=torch.int64, device=out.device)
+        return zero, zero
+    out, y = aligned(out, y, causal)
     valid = y != -100
-    return int((pred.eq(y) & valid).sum()), int(valid.sum())
+    return (out.argmax(dim=-1).eq(y) & valid).sum(), valid.sum()

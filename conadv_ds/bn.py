@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ def convert_aux_bn(module: nn.Module) -> nn.Module:
     Both branches start from the same affine parameters and statistics. Call before
     handing the model to `initialize` so the optimizer sees the auxiliary parameters.
     """
-    for name, child in module.named_children():
+    for child in module.children():
         if isinstance(child, _BatchNorm) and not isinstance(child, _AuxBatchNormMixin):
             aux = copy.deepcopy(child)
             child.__class__ = _aux_type(type(child))
@@ -59,9 +59,9 @@ def has_aux_bn(module: nn.Module) -> bool:
 
 
 @contextmanager
-def adversarial_branch(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+def adversarial_branch(module: Optional[nn.Module], enabled: bool = True) -> Iterator[None]:
     """Route BatchNorm through the auxiliary branch inside the block (no-op without aux BN)."""
-    layers = [m for m in module.modules() if isinstance(m, _AuxBatchNormMixin)]
+    layers = [m for m in module.modules() if isinstance(m, _AuxBatchNormMixin)] if enabled and module else []
     for m in layers:
         m.route_aux = enabled
     try:

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 LATEST = "latest"
 PARTIAL = ".partial"
 
@@ -67,3 +69,18 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_SCHEDULE_KEYS = ("enabled", "schedule", "staleness", "stale_weights")
+
+
+def check_same_schedule(saved: Optional[dict], current: dict, where: str) -> None:
+    """A checkpoint's ConAdv state only continues the schedule that wrote it: a different
+    schedule, staleness or stale-weight mechanism is a one-line error, not a mixed run."""
+    if saved is None:
+        return
+    diff = [k for k in _SCHEDULE_KEYS if saved.get(k) != current.get(k)]
+    if diff:
+        raise ConfigError(f"checkpoint {where!r}: saved with " + ", ".join(f"conadv.{k}={saved.get(k)!r}" for k in diff)
+                          + " but this run has " + ", ".join(f"{current.get(k)!r}" for k in diff)
+                          + "; resume with the saved settings or start a new output folder")

@@ -11,8 +11,8 @@ import json
 import sys
 from typing import Callable, Optional, Sequence, TypeVar
 
-from .config import split_config
 from .errors import ConfigError
+from .resolve import resolve_config
 
 F = TypeVar("F", bound=Callable)
 USAGE_ERROR = 2
@@ -47,24 +47,18 @@ def parse_overrides(pairs: Sequence[str]) -> dict:
     return out
 
 
-def validate(config: str, world_size: int) -> dict:
+def validate(config: str, world_size: int, overrides: Optional[dict] = None) -> dict:
     """Everything conadv_ds checks before DeepSpeed starts; returns the resolved summary. With
     schedule 'split', `world_size` counts every launched rank and the batch counts the trainers."""
-    from . import optim, split
-    from .config import resolve_batch
-
-    layout = split.plan(config, launch_size=world_size)
-    launched, world_size = world_size, len(layout.trainers) if layout else world_size
-    ds, conadv = split_config(config, world_size)
-    ds_for_deepspeed, opt_spec, sched_spec = optim.prepare_ds_config(ds, world_size)
-    tb, micro, gas = resolve_batch(ds_for_deepspeed, world_size)
-    split_plan = {"attacker_ranks": list(layout.attackers), "launched_ranks": launched} if layout else {}
-    return {"world_size": world_size, **split_plan, "train_batch_size": tb, "micro_batch_per_rank": micro,
-            "gradient_accumulation_steps": gas,
-            "zero_stage": ds_for_deepspeed.get("zero_optimization", {}).get("stage", 0),
-            "optimizer": (opt_spec or ds_for_deepspeed.get("optimizer") or {}).get("type"),
-            "scheduler": (sched_spec or ds_for_deepspeed.get("scheduler") or {}).get("type"),
-            "conadv": conadv.model_dump()}
+    run = resolve_config(config, overrides, launch_size=world_size)
+    split_plan = {"attacker_ranks": list(run.layout.attackers), "launched_ranks": run.launch_size} if run.layout else {}
+    return {"world_size": run.batch.world_size, **split_plan, "train_batch_size": run.batch.train_batch_size,
+            "micro_batch_per_rank": run.batch.micro_batch_per_rank,
+            "gradient_accumulation_steps": run.batch.gradient_accumulation_steps,
+            "zero_stage": run.ds.get("zero_optimization", {}).get("stage", 0),
+            "optimizer": (run.optimizer or run.ds.get("optimizer") or {}).get("type"),
+            "scheduler": (run.scheduler or run.ds.get("scheduler") or {}).get("type"),
+            "conadv": run.conadv.model_dump()}
 
 
 @one_line_errors

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, FieldError, did_you_mean
 
@@ -33,85 +33,56 @@ class ConAdvConfig(BaseModel):
     schedule: Literal["clean", "disadv", "conadv", "split"] = "conadv"
     """clean: no attack; disadv: attack with the current weights; conadv: with weights
     `staleness` steps old; split: conadv computed on dedicated attacker ranks."""
-    staleness: int = 1
+    staleness: int = Field(1, ge=0)
     """τ: the perturbation of batch t comes from the weights after step max(t-τ, 0)."""
     stale_weights: Literal["auto", "lookahead", "snapshot"] = "auto"
     """How old weights are realised: lookahead (τ=1, attack the next batch with the weights in
     place, no copy) or snapshot (each rank keeps its own shard of old weights). auto picks
-    lookahead for τ=1."""
-    space: Literal["pixel", "embedding"] = "pixel"
+    lookahead for τ=1 where the loop hands over whole steps, snapshot otherwise."""
+    space: Literal["auto", "pixel", "embedding"] = "auto"
+    """Where δ lives: the input pixels, or the word-embedding output; auto: embedding space for
+    models with a word embedding (`get_input_embeddings()` is an `nn.Embedding`), else pixel."""
     norm: Literal["linf", "l2"] = "linf"
-    epsilon: float = PIXEL_EPSILON
-    step_size: float = PIXEL_EPSILON
-    steps: int = 1
+    epsilon: float = Field(PIXEL_EPSILON, gt=0)
+    step_size: float = Field(PIXEL_EPSILON, gt=0)
+    steps: int = Field(1, ge=1)
     targeted: bool = True
     """Targeted: descend the loss towards a random wrong label; else ascend the true label's."""
-    clean_start_prob: float = 0.2
+    clean_start_prob: float = Field(0.2, ge=0, le=1)
     """Probability (one draw per micro-batch) that PGD starts at δ=0 instead of a random point."""
-    adv_weight: float = 0.5
+    adv_weight: float = Field(0.5, gt=0, le=1)
     """λ in (1-λ)·L(x) + λ·L(x+δ)."""
-    clip_range: Optional[tuple[float, float]] = (0.0, 1.0)
-    """Valid range of x+δ; null for none. Defaults to null in embedding space."""
+    clip_range: Union[tuple[float, float], None, Literal["auto"]] = "auto"
+    """Valid range of x+δ; null for none. auto: [0, 1] for `(images, labels)` batches (images fed
+    in [0, 1], normalised inside the model), none for dict batches and in embedding space."""
     aux_bn: bool = False
     """Route adversarial samples through their own BatchNorm statistics (AdvProp / official mixbn)."""
     attack_bn: Literal["eval", "train"] = "train"
     """BatchNorm mode of the attack forward: batch statistics (train) or running ones (eval).
     Running statistics are never updated by the attack either way."""
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)
     """Seed of the attack's own random stream (random start, targets, dropout in the attack)."""
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: int = Field(3, ge=0)
     """Abort after this many consecutive steps with a NaN/inf loss (fp32/bf16; fp16 overflow is
     DeepSpeed's loss scaler's business); 0 never aborts."""
     attacker_ranks: Optional[Union[int, list[int]]] = None
     """split schedule only: how many (or which) ranks attack instead of train."""
 
-    @field_validator("staleness", "steps", "seed", "max_nonfinite_steps")
-    @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("epsilon", "step_size")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("clean_start_prob")
-    @classmethod
-    def _probability(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError("must be in [0, 1]")
-        return v
-
-    @field_validator("adv_weight")
-    @classmethod
-    def _weight(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return v
-
     @field_validator("clip_range")
     @classmethod
     def _range(cls, v):
-        if v is not None and not v[0] < v[1]:
-            raise ValueError("must be [lo, hi] with lo < hi, or null")
+        if isinstance(v, tuple) and not v[0] < v[1]:
+            raise ValueError("must be [lo, hi] with lo < hi, null, or \"auto\"")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "ConAdvConfig":
-        if self.steps < 1:
-            raise FieldError("steps", self.steps, "must be >= 1")
         if self.schedule in ("conadv", "split") and self.staleness < 1:
             raise FieldError("staleness", self.staleness,
-                              f"must be >= 1 for schedule '{self.schedule}' (staleness 0 is schedule 'disadv')")
+                             f"must be >= 1 for schedule '{self.schedule}' (staleness 0 is schedule 'disadv')")
         if self.stale_weights == "lookahead" and self.schedule == "conadv" and self.staleness != 1:
             raise FieldError("stale_weights", "lookahead",
-                              f"needs staleness 1 (got {self.staleness}); use 'snapshot' or 'auto'")
-        if self.space == "embedding" and "clip_range" not in self.model_fields_set:
-            object.__setattr__(self, "clip_range", None)
+                             f"needs staleness 1 (got {self.staleness}); use 'snapshot' or 'auto'")
         if self.schedule != "split" and self.attacker_ranks is not None:
             raise FieldError("attacker_ranks", self.attacker_ranks, "is only valid with schedule 'split'")
         return self
@@ -140,7 +111,34 @@ def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> Conf
     if isinstance(ctx_err, FieldError):
         return ConfigError(f"{prefix}.{ctx_err.field}={ctx_err.value!r}: {ctx_err.rule}")
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] in _BOUND_ERRORS and len(first["loc"]) == 1:
+        msg = _bounds_rule(model, str(first["loc"][0])) or msg
     return ConfigError(f"{field}={value!r}: {msg}")
+
+
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _bounds_rule(model: type[BaseModel], name: str) -> Optional[str]:
+    """A field's `Field(ge=…, le=…)` bounds as one rule: "must be in [0, 1]", "must be > 0"."""
+    info = model.model_fields.get(name)
+    if info is None:
+        return None
+    lo = hi = None
+    for m in info.metadata:
+        for attr, bracket in (("ge", "["), ("gt", "(")):
+            if getattr(m, attr, None) is not None:
+                lo = (bracket, getattr(m, attr))
+        for attr, bracket in (("le", "]"), ("lt", ")")):
+            if getattr(m, attr, None) is not None:
+                hi = (bracket, getattr(m, attr))
+    if lo and hi:
+        return f"must be in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"must be {'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+    if hi:
+        return f"must be {'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+    return None
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -163,17 +161,19 @@ def parse_conadv(block: Any) -> ConAdvConfig:
     return validate_block(ConAdvConfig, block, CONADV_KEY)
 
 
-def with_overrides(cfg: ConAdvConfig, overrides: Optional[dict]) -> ConAdvConfig:
-    """`cfg` with some fields replaced (e.g. from command-line flags), validated again."""
-    if not overrides:
-        return cfg
-    return parse_conadv({**cfg.model_dump(exclude_unset=True), **overrides})
-
-
 def load_json(config: Union[str, Path, dict]) -> dict:
-    """Read a DeepSpeed JSON (path or dict) with one-line errors for missing or malformed files."""
+    """Read a DeepSpeed JSON (path, dict or inline JSON text) with one-line errors for missing or
+    malformed files."""
     if isinstance(config, dict):
         return json.loads(json.dumps(config))  # a private deep copy
+    if isinstance(config, str) and config.lstrip().startswith("{"):  # inline JSON, as transformers accepts
+        try:
+            data = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"inline JSON {config!r}: invalid at column {e.colno}: {e.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"inline JSON {config!r}: must be a JSON object")
+        return data
     path = Path(config)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r}: not found")
@@ -181,7 +181,8 @@ def load_json(config: Union[str, Path, dict]) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise ConfigError(f"config file {str(path)!r}: invalid JSON at line {e.lineno} column {e.colno}: "
+                          f"{e.msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: top level must be a JSON object, got {type(data).__name__}")
     return data
@@ -247,11 +248,3 @@ def check_deepspeed(ds: dict, world_size: int) -> tuple[int, int, int]:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"gradient_clipping={clip!r}: must be a number >= 0")
     return resolve_batch(ds, world_size)
-
-
-def split_config(config: Union[str, Path, dict], world_size: int) -> tuple[dict, ConAdvConfig]:
-    """Load and validate a DeepSpeed JSON: (the dict for DeepSpeed, the conadv block)."""
-    ds = load_json(config)
-    conadv = parse_conadv(ds.pop(CONADV_KEY, None))
-    check_deepspeed(ds, world_size)
-    return ds, conadv

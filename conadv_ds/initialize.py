@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from torch import nn
 
-from . import optim, split
-from .batch import LossFn
+from . import optim
+from .batch import LossFn, default_loss
 from .bn import convert_aux_bn, has_aux_bn
-from .config import split_config, with_overrides
 from .engine import ConAdvEngine
 from .errors import ConfigError
-from .perturb import EmbeddingSpace, PixelSpace, make_space
-
-
-def world_size() -> int:
-    """The launch's world size, known before any process group exists."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from .perturb import Space, resolve_space
+from .resolve import RunConfig, resolve_config
+from .schedule import build_schedule
+from .split.attacker import SplitAttacker
 
 
 def _check_precision(ds_config: dict, model: nn.Module) -> None:
@@ -42,19 +34,20 @@ def _check_precision(ds_config: dict, model: nn.Module) -> None:
 
 
 def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parameters: Any = None,
-               training_data: Any = None, config: Union[str, Path, dict, None] = None,
-               loss_fn: Optional[LossFn] = None, perturb: Optional[Union[PixelSpace, EmbeddingSpace]] = None,
+               training_data: Any = None, config: Union[str, Path, dict, RunConfig, None] = None,
+               loss_fn: Optional[LossFn] = None, perturb: Optional[Space] = None,
                optimizer: Any = None, lr_scheduler: Any = None, conadv: Optional[dict] = None,
-               **kwargs: Any) -> tuple[Union[ConAdvEngine, split.SplitAttacker], Any, Any, Any]:
+               **kwargs: Any) -> tuple[Union[ConAdvEngine, SplitAttacker], Any, Any, Any]:
     """Like `deepspeed.initialize`, returning `(engine, optimizer, dataloader, lr_scheduler)`.
 
-    `config` is a DeepSpeed JSON path or dict (or `args.deepspeed_config`); its `"conadv"` block
+    `config` is a DeepSpeed JSON path or dict (or `args.deepspeed_config`, or a `RunConfig`
+    already resolved by `resolve_config`); its `"conadv"` block
     (overridden by `conadv`, e.g. from CLI flags) is validated, together with the batch
     arithmetic, before DeepSpeed starts, and is not passed on. Optimizer types LARS and LAMB
     and scheduler type WarmupPolyDecay are built here; DeepSpeed's own types are DeepSpeed's.
     `loss_fn(output, batch)` replaces the default loss; `perturb` the perturbation space.
     With schedule 'split', DeepSpeed's world is the trainer ranks, and an attacker rank gets
-    `(SplitAttacker, None, None, None)` (see `split.py`).
+    `(SplitAttacker, None, None, None)` (see `conadv_ds.split`).
     """
     if model is None:
         raise ValueError("initialize() needs a model")
@@ -65,21 +58,30 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parame
     if args is not None and getattr(args, "deepspeed_config", None):
         args = copy.copy(args)
         args.deepspeed_config = None
-    layout = split.plan(config, conadv)
-    ws = world_size() if layout is None else len(layout.trainers)
-    ds_config, cfg = split_config(config, ws)
-    cfg = with_overrides(cfg, conadv)
+    if isinstance(config, RunConfig):
+        if conadv:
+            raise ValueError("initialize(): conadv= overrides go into resolve_config(), not beside a RunConfig")
+        run = config
+    else:
+        run = resolve_config(config, conadv)
+    cfg, ds_config = run.conadv, run.ds
     _check_precision(ds_config, model)
-    space = (perturb or make_space(cfg.space)).bind(model) if cfg.adversarial else perturb
     if cfg.adversarial and cfg.aux_bn and not has_aux_bn(model):
+        if optimizer is not None or model_parameters is not None:
+            raise ConfigError("conadv.aux_bn=true: the auxiliary BatchNorm parameters are added to the model by "
+                              "initialize; pass no optimizer= or model_parameters= built before, or call "
+                              "conadv_ds.bn.convert_aux_bn(model) before building them")
         convert_aux_bn(model)
-    if layout is not None and split.connect(layout).is_attacker:
-        return split.SplitAttacker(model, space, cfg, ds_config, loss_fn), None, None, None
-    ds_config, opt_spec, sched_spec = optim.prepare_ds_config(ds_config, ws)
-    if opt_spec is not None and optimizer is None:
-        optimizer = optim.build_optimizer(opt_spec, model)
-    if sched_spec is not None and lr_scheduler is None:
-        lr_scheduler = optim.build_scheduler(sched_spec, optimizer)
+    space = resolve_space(cfg, model, perturb) if cfg.adversarial else None
+    if run.layout is not None:
+        from .split.link import connect
+
+        if connect(run.layout).is_attacker:
+            return SplitAttacker(model, space, cfg, ds_config, loss_fn), None, None, None
+    if run.optimizer is not None and optimizer is None:
+        optimizer = optim.build_optimizer(run.optimizer, model)
+    if run.scheduler is not None and lr_scheduler is None:
+        lr_scheduler = optim.build_scheduler(run.scheduler, optimizer)
 
     import deepspeed
 
@@ -89,7 +91,11 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parame
         args=args, model=model, model_parameters=model_parameters, training_data=training_data,
         config=ds_config, optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs)
     optim.bind_to_engine(engine)
-    wrapped = ConAdvEngine(engine, cfg, loss_fn=loss_fn, perturb=space)
+    from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+    schedule = build_schedule(cfg, space, engine, engine.module, loss_fn or default_loss, rank=engine.global_rank,
+                              autocast=lambda: autocast_if_enabled(engine))
+    wrapped = ConAdvEngine(engine, cfg, schedule, space, loss_fn=loss_fn)
     if engine.global_rank == 0:
         print("conadv config: " + json.dumps(cfg.model_dump(), sort_keys=True), flush=True)
     return wrapped, ds_opt, loader, sched

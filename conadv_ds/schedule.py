@@ -1,6 +1,6 @@
 """When each batch is attacked, and with which weights.
 
-A schedule turns "give me the micro-batches of step t" into `[(batch, δ or None), ...]`:
+A schedule turns "the micro-batches of step t" into `[(batch, δ or None), ...]`:
 
 - `Clean`: no attack.
 - `DisAdv`: δ_t from the current weights w_t, computed before the update.
@@ -8,34 +8,51 @@ A schedule turns "give me the micro-batches of step t" into `[(batch, δ or None
   attacked with w_t, which is in place anyway, so no weights are ever copied.
 - `Snapshot` (ConAdv, any τ): δ_t from w_{max(t-τ, 0)}, each rank keeping its own shard of
   the last τ weight versions (see `stale.py`).
+- `split.trainer.Remote` (ConAdv on attacker ranks): δ_t computed elsewhere from w_{t-τ}.
+
+Loops that own whole steps call `prepare`; loops that hand over one micro-batch at a time
+(the Hugging Face Trainer) call `attack_micro`. `build_schedule` is the one place that picks.
 """
 
 from __future__ import annotations
 
 import collections
 import warnings
-from typing import Callable, Optional
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .batch import Batch
+from . import batch as B
+from .adversary import Adversary
 from .config import ConAdvConfig
-from .errors import ConfigError
-from .stale import snapshot_bytes
+from .perturb import Space
+from .stale import snapshot_bytes, stale_weights_for
 
-Attack = Callable[[Batch, int, int], Tensor]
+Attack = Callable[[B.Batch, int, int], Tensor]
 """attack(batch, step, micro) -> δ, with whatever weights are in the model."""
-Pull = Callable[[], list[Batch]]
-"""Returns the next step's micro-batches; raises StopIteration when the data ends."""
-Prepared = list[tuple[Batch, Optional[Tensor]]]
+Prepared = list[tuple[B.Batch, Optional[Tensor]]]
 
 
-class Clean:
-    def prepare(self, step: int, pull: Pull, source: object) -> Prepared:
-        return [(b, None) for b in pull()]
+@dataclass(frozen=True)
+class Pull:
+    """The next step's micro-batches (`pull()`; StopIteration when the data ends), and the
+    iterator they come from (`source`), so that batches pulled ahead stay with their iterator."""
 
-    def extra_bytes(self) -> int:
-        return 0
+    next_step: Callable[[], list[B.Batch]]
+    source: object = None
+
+    def __call__(self) -> list[B.Batch]:
+        return self.next_step()
+
+
+class Schedule(Protocol):
+    def prepare(self, step: int, pull: Pull) -> Prepared:
+        """The micro-batches of step `step` with their δ (None: not attacked)."""
+
+    def attack_micro(self, step: int, micro: int, batch: B.Batch, last: bool) -> Optional[Tensor]:
+        """δ for micro-batch `micro` of step `step`, handed over alone; `last` on the step's final one."""
 
     def before_update(self) -> None:
         """Called before the optimizer step changes the weights."""
@@ -45,18 +62,45 @@ class Clean:
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to continue the schedule exactly."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def extra_bytes(self) -> int:
+        """Bytes this rank holds for old weights."""
+
+
+class Clean:
+    def prepare(self, step: int, pull: Pull) -> Prepared:
+        return [(b, None) for b in pull()]
+
+    def attack_micro(self, step: int, micro: int, batch: B.Batch, last: bool) -> Optional[Tensor]:
+        return None
+
+    def before_update(self) -> None:
+        pass
+
+    def stop(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def extra_bytes(self) -> int:
+        return 0
 
 
 class DisAdv(Clean):
     def __init__(self, attack: Attack):
         self.attack = attack
 
-    def prepare(self, step: int, pull: Pull, source: object) -> Prepared:
+    def prepare(self, step: int, pull: Pull) -> Prepared:
         return [(b, self.attack(b, step, i)) for i, b in enumerate(pull())]
+
+    def attack_micro(self, step: int, micro: int, batch: B.Batch, last: bool) -> Optional[Tensor]:
+        return self.attack(batch, step, micro)
 
 
 class Lookahead(DisAdv):
@@ -68,6 +112,9 @@ class Lookahead(DisAdv):
         self.pending: Optional[tuple[int, object, Prepared]] = None
         self._warned = False
 
+    def attack_micro(self, step: int, micro: int, batch: B.Batch, last: bool) -> Optional[Tensor]:
+        raise TypeError("lookahead needs whole steps; build_schedule(whole_steps=False) picks a snapshot")
+
     def state_dict(self) -> dict:
         return {"pending": None if self.pending is None else (self.pending[0], self.pending[2])}
 
@@ -76,21 +123,22 @@ class Lookahead(DisAdv):
         pending = state["pending"]
         self.pending = None if pending is None else (pending[0], None, pending[1])
 
-    def prepare(self, step: int, pull: Pull, source: object) -> Prepared:
-        if self.pending is not None and self.pending[0] == step and (self.pending[1] is None or self.pending[1] is source):
-            current = self.pending[2]
+    def prepare(self, step: int, pull: Pull) -> Prepared:
+        p = self.pending
+        if p is not None and p[0] == step and (p[1] is None or p[1] is pull.source):
+            current = p[2]
         else:
-            if self.pending is not None and step > 0 and not self._warned:
+            if p is not None and step > 0 and not self._warned:
                 warnings.warn("conadv lookahead: a new data iterator; its first step is attacked with the "
-                              "current weights. Keep one iterator across epochs for exact staleness.")
+                              "current weights. Keep one iterator across epochs for exact staleness.", stacklevel=3)
                 self._warned = True
-            current = super().prepare(step, pull, source)
+            current = super().prepare(step, pull)
         self.pending = None
         try:
             upcoming = pull()
         except StopIteration:
             return current
-        self.pending = (step + 1, source, [(b, self.attack(b, step + 1, i)) for i, b in enumerate(upcoming)])
+        self.pending = (step + 1, pull.source, [(b, self.attack(b, step + 1, i)) for i, b in enumerate(upcoming)])
         return current
 
 
@@ -102,23 +150,25 @@ class Snapshot(DisAdv):
         self.tau, self.stale = staleness, stale
         self.history: collections.OrderedDict[int, list[Tensor]] = collections.OrderedDict()  # step -> shards
 
-    def prepare(self, step: int, pull: Pull, source: object) -> Prepared:
-        return self.attack_step(step, pull())
+    def prepare(self, step: int, pull: Pull) -> Prepared:
+        return self._attack(step, list(enumerate(pull())), last=True)
 
-    def attack_step(self, step: int, batches: list[Batch], first_micro: int = 0, last: bool = True) -> Prepared:
-        """δ for micro-batches `first_micro, first_micro+1, ...` of step `step`, from w_{max(step-τ, 0)};
-        the live weights w_step are kept (once per step) for the steps to come. Loops that see
-        one micro-batch at a time (e.g. the Hugging Face Trainer) call it once per micro-batch,
-        with `last` on the step's final one: only then are versions no longer needed dropped."""
+    def attack_micro(self, step: int, micro: int, batch: B.Batch, last: bool) -> Optional[Tensor]:
+        return self._attack(step, [(micro, batch)], last)[0][1]
+
+    def _attack(self, step: int, batches: list[tuple[int, B.Batch]], last: bool) -> Prepared:
+        """δ for the (micro index, batch) pairs of step `step`, from w_{max(step-τ, 0)}; the live
+        weights w_step are kept (once per step) for the steps to come; versions no longer needed
+        are dropped once the step's last micro-batch is attacked."""
         source_step = max(step - self.tau, 0)
         if source_step == step:
-            prepared = [(b, self.attack(b, step, first_micro + i)) for i, b in enumerate(batches)]
+            prepared = [(b, self.attack(b, step, i)) for i, b in batches]
         else:
             if source_step not in self.history:
                 raise RuntimeError(f"conadv snapshot of step {source_step} missing at step {step}: "
                                    "steps must be taken in order")
             with self.stale.swapped(self.history[source_step]):
-                prepared = [(b, self.attack(b, step, first_micro + i)) for i, b in enumerate(batches)]
+                prepared = [(b, self.attack(b, step, i)) for i, b in batches]
         keep_from = max(step + 1 - self.tau, 0) if last else max(step - self.tau, 0)
         for s in [s for s in self.history if s < keep_from]:
             del self.history[s]
@@ -136,15 +186,24 @@ class Snapshot(DisAdv):
         self.history = collections.OrderedDict(sorted(state["history"].items()))
 
 
-def build_schedule(cfg: ConAdvConfig, attack: Attack, stale: Callable[[], object]):
-    """The schedule a `conadv` block asks for; `stale()` makes the old-weight store when one is needed."""
+def build_schedule(cfg: ConAdvConfig, space: Optional[Space], engine: Any, module: nn.Module,
+                   loss_fn: B.LossFn = B.default_loss, rank: int = 0,
+                   autocast: Callable[[], ContextManager] = nullcontext, whole_steps: bool = True) -> Schedule:
+    """The schedule a `conadv` block asks for, for every front end.
+
+    `engine` holds the weights (a DeepSpeedEngine, a DDP wrapper or the module itself: old
+    weights are kept as its shards), `module` is the model the attack runs, `rank` seeds the
+    attack's stream. `whole_steps=False` is for loops that hand over one micro-batch at a time:
+    τ ≥ 1 then always uses snapshots (a lookahead needs the next step's batches)."""
     if not cfg.adversarial:
         return Clean()
     if cfg.schedule == "split":
-        raise ConfigError("conadv.schedule='split': attacker ranks are not available in this version; "
-                          "allowed: clean, disadv, conadv")
+        from .split.trainer import Remote
+
+        return Remote(engine, space, cfg.staleness)
+    adversary = Adversary(module, space, cfg, loss_fn, rank=rank, autocast=autocast)
     if cfg.schedule == "disadv":
-        return DisAdv(attack)
-    if cfg.uses_lookahead:
-        return Lookahead(attack)
-    return Snapshot(attack, cfg.staleness, stale())
+        return DisAdv(adversary)
+    if whole_steps and cfg.uses_lookahead:
+        return Lookahead(adversary)
+    return Snapshot(adversary, cfg.staleness, stale_weights_for(engine))

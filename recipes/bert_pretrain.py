@@ -15,18 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conadv_ds.cli import one_line_errors, parse_overrides
+from conadv_ds.config import load_json, validate_block
+from conadv_ds.errors import ConfigError
+from conadv_ds.resolve import RunConfig, resolve_config
 
-from conadv_ds.cli import one_line_errors, parse_overrides  # noqa: E402
-from conadv_ds.config import load_json, resolve_batch, split_config, validate_block, with_overrides  # noqa: E402
-from conadv_ds.errors import ConfigError  # noqa: E402
 
 class BertRecipe(BaseModel):
     """The JSON's optional `recipe` block: defaults for the flags of the same names."""
@@ -76,9 +76,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@one_line_errors
-def main(argv=None) -> None:
-    args = parse_args(argv)
+@dataclass(frozen=True)
+class Plan:
+    """Everything `train` needs that is known before the corpus or the model is loaded."""
+
+    run: RunConfig
+    use_deepspeed: bool
+    """Launched by `accelerate launch --use_deepspeed` (else plain DDP or one process)."""
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
     path = args.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not path:
         raise ConfigError("no config: pass --deepspeed_config or launch with accelerate's --deepspeed_config_file")
@@ -91,36 +98,40 @@ def main(argv=None) -> None:
     for key in ("model_size", "max_seq_length", "max_steps", "phase2_seq_length", "phase2_steps"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(recipe, key))
-    ds, conadv = split_config(raw, world)
-    conadv = with_overrides(conadv, parse_overrides(args.conadv))
-    if conadv.adversarial and conadv.schedule == "split":
+    overrides = parse_overrides(args.conadv)
+    block = raw.get("conadv") if isinstance(raw.get("conadv"), dict) else {}
+    if {**block, **overrides}.get("schedule") == "split":
         raise ConfigError("conadv.schedule='split': this recipe runs clean, disadv and conadv; attacker ranks "
                           "are available through conadv_ds.initialize and recipes/resnet_imagenet.py")
-    if conadv.adversarial and conadv.space != "embedding":
-        raise ConfigError(f"conadv.space={conadv.space!r}: this recipe perturbs word embeddings; set 'embedding'")
-    from conadv_ds import optim
-
-    ds_clean, opt_spec, sched_spec = optim.prepare_ds_config(ds, world)
-    if opt_spec is None:
+    run = resolve_config(raw, overrides, world)
+    if run.conadv.adversarial and run.conadv.space == "pixel":
+        raise ConfigError("conadv.space='pixel': this recipe perturbs word embeddings; set 'embedding' or 'auto'")
+    if run.optimizer is None:
         raise ConfigError(f"optimizer: {path} must use type 'LAMB' or 'LARS' (built by conadv_ds)")
-    _, micro, gas = resolve_batch(ds_clean, world)
     for f in args.train_files or []:
         if not Path(f).is_file():
             raise ConfigError(f"--train_files: {f!r} not found")
+    return Plan(run, use_deepspeed)
+
+
+@one_line_errors
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    plan = make_plan(args)
     if args.dry_run:
-        tb = micro * gas * world
-        print(f"plan for {path} on {world} ranks: train_batch_size {tb} = micro-batch {micro} × gradient "
-              f"accumulation {gas} × world size {world}; BERT-{args.model_size}, sequence length "
-              f"{args.max_seq_length}, {args.max_steps} steps"
+        b, conadv = plan.run.batch, plan.run.conadv
+        print(f"plan on {b.world_size} ranks: train_batch_size {b.train_batch_size} = micro-batch "
+              f"{b.micro_batch_per_rank} × gradient accumulation {b.gradient_accumulation_steps} × world size "
+              f"{b.world_size}; BERT-{args.model_size}, sequence length {args.max_seq_length}, {args.max_steps} steps"
               + (f" then {args.phase2_steps} at {args.phase2_seq_length}" if args.phase2_steps else "")
-              + f"; optimizer {opt_spec['type']}, conadv "
+              + f"; optimizer {plan.run.optimizer['type']}, conadv "
               + (f"{conadv.schedule} τ={conadv.staleness} ε={conadv.epsilon:g} {conadv.norm} steps={conadv.steps}"
                  if conadv.adversarial else "off"))
         return
-    train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspeed)
+    train(args, plan)
 
 
-def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspeed) -> None:
+def train(args: argparse.Namespace, plan: Plan) -> None:
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import DeepSpeedPlugin
@@ -129,14 +140,14 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
 
     from conadv_ds import batch as B
     from conadv_ds import optim
-    from conadv_ds.adversary import Adversary
     from conadv_ds.data import text
     from conadv_ds.fingerprint import weights_sha256
-    from conadv_ds.perturb import EmbeddingSpace
-    from conadv_ds.schedule import build_schedule
-    from conadv_ds.errors import ConfigError
-    from conadv_ds.stale import stale_weights_for
+    from conadv_ds.objective import Objective, StepMetrics
+    from conadv_ds.perturb import resolve_space
+    from conadv_ds.schedule import Pull, build_schedule
 
+    run, use_deepspeed = plan.run, plan.use_deepspeed
+    conadv, micro, gas = run.conadv, run.batch.micro_batch_per_rank, run.batch.gradient_accumulation_steps
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = Path(args.output_dir)
     torch.manual_seed(args.seed)
@@ -145,7 +156,7 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
     texts = corpus.texts
     if corpus.skipped and rank == 0:
         print(f"skipped {corpus.skipped} empty lines of the corpus", flush=True)
-    train_texts, held_texts = text.split(texts)
+    train_texts, held_texts = text.train_heldout_split(texts)
     if args.tokenizer_dir:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer_dir)
     else:
@@ -157,7 +168,7 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
                           "bigger corpus, or use ds_configs/bert_demo.json")
     launched = world > 1 and not torch.cuda.is_available()  # on CPU accelerate needs to be told gloo
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched else [],
-                              deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_clean) if use_deepspeed else None,
+                              deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=run.ds) if use_deepspeed else None,
                               gradient_accumulation_steps=1 if use_deepspeed else gas)
     if args.model_dir:
         model = BertForMaskedLM.from_pretrained(args.model_dir)
@@ -169,8 +180,8 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
                                            max_position_embeddings=longest, hidden_dropout_prob=args.dropout,
                                            attention_probs_dropout_prob=args.dropout))
     collate = text.collator(tokenizer)
-    optimizer = optim.build_optimizer(opt_spec, model)
-    scheduler = optim.build_scheduler(sched_spec, optimizer) if sched_spec else None
+    optimizer = optim.build_optimizer(run.optimizer, model)
+    scheduler = optim.build_scheduler(run.scheduler, optimizer) if run.scheduler else None
     # The scheduler stays ours: stepped once per optimizer step below (accelerate would step it
     # once per process, DeepSpeed once per engine step: neither is the schedule's unit).
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -178,10 +189,11 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
     if use_deepspeed:
         optim.bind_to_engine(engine)
     module = accelerator.unwrap_model(model)
-    space = EmbeddingSpace().bind(module)
-    adversary = Adversary(module, space, conadv, B.default_loss, rank=rank, autocast=accelerator.autocast)
-    schedule = build_schedule(conadv, adversary, lambda: stale_weights_for(engine))
-    lam = conadv.adv_weight
+    space = resolve_space(conadv, module) if conadv.adversarial else None
+    schedule = build_schedule(conadv, space, engine, module, rank=rank, autocast=accelerator.autocast)
+    eval_attack = build_schedule(conadv.model_copy(update={"schedule": "disadv"}), space, engine, module, rank=rank,
+                                 autocast=accelerator.autocast) if conadv.adversarial else None
+    objective = Objective(space, conadv.adv_weight, module)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         print("conadv config: " + json.dumps(conadv.model_dump(), sort_keys=True), flush=True)
@@ -201,15 +213,15 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
         accelerator.load_state(str(out / "checkpoint"))
         start_step = json.loads(state_file.read_text())["step"]
     stream = stream_for(args.max_seq_length)
-    first_ids = next(iter(stream_for(args.max_seq_length)))["input_ids"]
-    print(f"rank {rank} first batch ids sum {int(first_ids.sum())}", flush=True)
     for _ in range(start_step * gas):
         next(stream)
 
-    def pull():
-        return [B.to_device(next(stream), accelerator.device) for _ in range(gas)]
+    def forward(batch):
+        output = model(**batch)
+        return output.loss, output
 
     records = {"weights": [], "steps": []}
+    stats = StepMetrics()
     bar = tqdm(total=args.max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
     t0, phase2_from = time.time(), args.max_steps - args.phase2_steps if args.phase2_seq_length else None
     for step in range(start_step, args.max_steps):
@@ -218,48 +230,40 @@ def train(args, ds_clean, opt_spec, sched_spec, conadv, micro, gas, use_deepspee
         if step < args.record_deltas:
             records["weights"].append(_full_state(module))
         start = time.perf_counter()
-        batches = schedule.prepare(step, pull, stream)
-        sums = torch.zeros(3)
+        batches = schedule.prepare(step, Pull(lambda source=stream: [B.to_device(next(source), accelerator.device)
+                                                                     for _ in range(gas)], stream))
         for batch, delta in batches:
             with accelerator.accumulate(model):
-                clean = model(**batch).loss
-                loss = clean
-                if delta is not None:
-                    adv = space.forward(model, batch, delta).loss
-                    loss = (1 - lam) * clean + lam * adv
-                    sums[2] += float(adv.detach())
-                accelerator.backward(loss)
+                micro_step = objective(forward, batch, delta)
+                accelerator.backward(micro_step.loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            sums[0] += float(loss.detach())
-            sums[1] += float(clean.detach())
+            stats.add(micro_step.stats)
         if scheduler is not None:
             scheduler.step()
-        if step < args.record_deltas and rank == 0:
+        if step < args.record_deltas:
             records["steps"].append({"batch": B.to_device(batches[0][0], "cpu"),
                                      "delta": None if batches[0][1] is None else batches[0][1].cpu()})
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        sums = sums / (len(batches) * world)
+        m = stats.read()
         bar.update(1)
         if rank == 0 and ((step + 1) % args.log_interval == 0 or step + 1 == args.max_steps):
             lr = optimizer.param_groups[0]["lr"]
-            adv_part = f" adv_loss {sums[2]:.4f}" if conadv.adversarial else ""
-            bar.write(f"step {step + 1}/{args.max_steps} loss {sums[0]:.4f} clean_loss {sums[1]:.4f}{adv_part} "
-                      f"lr {lr:.4g} samples/s {micro * gas * world / (time.perf_counter() - start):.0f}")
+            parts = " ".join(f"{k} {m[k]:.4f}" for k in ("loss", "clean_loss", "adv_loss") if k in m)
+            bar.write(f"step {step + 1}/{args.max_steps} {parts} lr {lr:.4g} "
+                      f"samples/s {micro * gas * world / (time.perf_counter() - start):.0f}")
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and step + 1 < args.max_steps:
-            evaluate(module, held, adversary, accelerator, f"step {step + 1}")
+            evaluate(module, held, space, eval_attack, accelerator, f"step {step + 1}")
     bar.close()
-    evaluate(module, held, adversary, accelerator, "final")
+    evaluate(module, held, space, eval_attack, accelerator, "final")
     accelerator.save_state(str(out / "checkpoint"))
     sha = weights_sha256(module)
     state = accelerator.get_state_dict(model)
+    if args.record_deltas:  # every rank: its own batches; the weights are the same everywhere
+        torch.save({**records, "config": module.config.to_dict(), "conadv": conadv.model_dump()},
+                   out / f"deltas_rank{rank}.pt")
     if rank == 0:
         state_file.write_text(json.dumps({"step": args.max_steps}))
         module.save_pretrained(str(out / "model"), state_dict=state)
-        if args.record_deltas:
-            torch.save({**records, "config": module.config.to_dict(), "conadv": conadv.model_dump()},
-                       out / "deltas.pt")
         print(f"trained {args.max_steps - start_step} steps in {time.time() - t0:.0f} s", flush=True)
         print(f"weights_sha256={sha}", flush=True)
 
@@ -276,35 +280,37 @@ def _full_state(module) -> list:
     return out
 
 
-def evaluate(module, held, adversary, accelerator, tag: str) -> None:
-    """Held-out MLM loss and masked-token accuracy, clean and under the embedding attack."""
+def evaluate(module, held, space, attack, accelerator, tag: str) -> None:
+    """Held-out MLM loss and masked-token accuracy, clean and under the embedding attack (from
+    the current weights), summed over ranks on the device."""
     import torch
 
     from conadv_ds import batch as B
+    from conadv_ds.reduce import all_reduce_sum
 
     was = module.training
     module.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # clean loss, adv loss, clean correct, adv correct, masked
+    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, adv loss, correct, adv correct, n
     for i, b in enumerate(held):
         b = B.to_device(b, accelerator.device)
         with torch.no_grad():
             out = module(**b)
-        sums[0] += float(out.loss)
-        sums[2] += B.correct(out, b)[0]
-        sums[4] += B.correct(out, b)[1]
-        if adversary.cfg.adversarial:
-            delta = adversary(b, step=-1, micro=i)
+        correct, counted = B.correct(out, b)
+        sums[0] += out.loss.detach()
+        sums[2] += correct
+        sums[4] += counted
+        if attack is not None:
+            delta = attack.attack_micro(-1, i, b, last=True)
             with torch.no_grad():
-                adv = adversary.space.forward(module, b, delta)
-            sums[1] += float(adv.loss)
+                adv = space.forward(module, b, delta)
+            sums[1] += adv.loss.detach()
             sums[3] += B.correct(adv, b)[0]
     module.train(was)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    n, world = max(float(sums[4]), 1.0), accelerator.num_processes
+    loss, adv_loss, correct, adv_correct, n = all_reduce_sum(sums).tolist()
+    n, batches = max(n, 1.0), len(held) * accelerator.num_processes
     if accelerator.is_main_process:
-        print(f"eval {tag}: mlm_loss {sums[0] / (len(held) * world):.4f} masked_acc {sums[2] / n:.4f} "
-              f"adv_mlm_loss {sums[1] / (len(held) * world):.4f} adv_masked_acc {sums[3] / n:.4f}", flush=True)
+        print(f"eval {tag}: mlm_loss {loss / batches:.4f} masked_acc {correct / n:.4f} "
+              f"adv_mlm_loss {adv_loss / batches:.4f} adv_masked_acc {adv_correct / n:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,18 @@ import contextlib
 import itertools
 import json
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from conadv_ds.cli import one_line_errors, parse_overrides  # noqa: E402
-from conadv_ds.config import load_json, resolve_batch, split_config, validate_block, with_overrides  # noqa: E402
-from conadv_ds.errors import ConfigError  # noqa: E402
+from conadv_ds.cli import one_line_errors, parse_overrides
+from conadv_ds.config import load_json, validate_block
+from conadv_ds.data.vision import IMAGENET_TRAIN_SIZE
+from conadv_ds.errors import ConfigError
+from conadv_ds.resolve import RunConfig, resolve_config
 
 DEMO = "deepspeed --num_gpus 2 recipes/resnet_imagenet.py --deepspeed_config ds_configs/demo.json"
 
@@ -45,6 +45,8 @@ class RecipeConfig(BaseModel):
     eval_epsilon: float = 4 / 255
     eval_steps: int = 3
     eval_batch_size: int = 256
+    eval_interval: Optional[int] = None
+    """Evaluate (clean + PGD) every N optimizer steps; None: once per epoch; 0: only at the end."""
     strict_data: bool = False
     """Stop at the first unreadable image (naming it) instead of counting and skipping it."""
 
@@ -70,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--eval_epsilon", type=float)
     p.add_argument("--eval_steps", type=int)
+    p.add_argument("--eval_interval", type=int, help="evaluate every N steps (default: each epoch; 0: at the end)")
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: per epoch only)")
     p.add_argument("--num_workers", type=int, default=0)
@@ -77,43 +80,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace, world_size: int):
+@dataclass(frozen=True)
+class Plan:
+    """Everything `train` needs that is known before any data or model is loaded."""
+
+    config: dict
+    """The JSON without the recipe block: what `conadv_ds.initialize` gets."""
+    run: RunConfig
+    recipe: RecipeConfig
+
+
+def make_plan(args: argparse.Namespace, launch_size: Optional[int] = None) -> Plan:
     """Config, recipe settings, overrides and batch plan: every check that needs no data or model."""
     raw = load_json(args.deepspeed_config)
     recipe = validate_block(RecipeConfig, raw.pop("recipe", {}), "recipe")
-    for key in ("dataset", "model", "epochs", "autoaugment", "eval_epsilon", "eval_steps", "strict_data"):
+    for key in ("dataset", "model", "epochs", "autoaugment", "eval_epsilon", "eval_steps", "eval_interval",
+                "strict_data"):
         if getattr(args, key) is not None:
             recipe = recipe.model_copy(update={key: getattr(args, key)})
     if args.data_dir and args.dataset is None:
         recipe = recipe.model_copy(update={"dataset": "imagenet"})
     overrides = parse_overrides(args.conadv)
-    ds, conadv = split_config(raw, world_size)
-    conadv = with_overrides(conadv, overrides)
-    batch = resolve_batch(ds, world_size)
+    block = raw.get("conadv") if isinstance(raw.get("conadv"), dict) else {}
+    if recipe.autoaugment and "adv_weight" not in {**block, **overrides}:
+        overrides["adv_weight"] = 1 / 3  # the official batch: clean, AutoAugment, adversarial, a third each
+    run = resolve_config(raw, overrides, launch_size)
     if recipe.dataset == "imagenet" and not args.data_dir and not args.dry_run:
         raise ConfigError(f"{args.deepspeed_config}: dataset 'imagenet' needs --data_dir /path/to/imagenet "
                           f"(train/ and val/ class folders). Demo on the embedded data: {DEMO}; "
                           f"plan only: add --dry_run --world_size N")
-    if recipe.autoaugment and batch[1] % 2:
-        raise ConfigError(f"train_micro_batch_size_per_gpu={batch[1]}: must be even with autoaugment "
-                          "(each micro-batch is half clean, half AutoAugment views)")
-    return raw, ds, conadv, overrides, recipe, batch
+    return Plan(raw, run, recipe)
 
 
-def schedule_points(ds: dict, total_steps: int) -> list[tuple[int, float]]:
+def schedule_points(run: RunConfig, total_steps: int) -> list[tuple[int, float]]:
     """The learning rate at key steps, read from a scheduler built on a throwaway optimizer."""
     import torch
 
     from conadv_ds import optim
 
-    ds_cfg, opt_spec, sched_spec = optim.prepare_ds_config(ds, 1)
-    lr = (opt_spec or ds_cfg.get("optimizer", {})).get("params", {}).get("lr", 0.0)
-    if sched_spec is None:
+    lr = (run.optimizer or run.ds.get("optimizer", {})).get("params", {}).get("lr", 0.0)
+    if run.scheduler is None:
         return [(0, lr)]
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    sched = optim.build_scheduler(sched_spec, opt)
+    sched = optim.build_scheduler(run.scheduler, opt)
     marks = sorted({0, 1, total_steps // 20, total_steps // 4, total_steps // 2, 3 * total_steps // 4,
-                    total_steps - 1} | {int(sched_spec.get("params", {}).get("warmup_num_steps", 0))})
+                    total_steps - 1} | {int(run.scheduler.get("params", {}).get("warmup_num_steps", 0))})
     points, step = [], 0
     for mark in marks:
         while step < mark:
@@ -136,33 +147,33 @@ def memory_plan(n_params: int, world: int, half: bool, optimizer_states: int) ->
 
 
 def dry_run(args: argparse.Namespace) -> None:
-    from conadv_ds import split
-
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
-    if world < 1:
-        raise ConfigError(f"--world_size={world}: must be >= 1")
-    layout = split.plan(args.deepspeed_config, parse_overrides(args.conadv), launch_size=world)
-    if layout:
-        print(f"split: launch ranks {list(layout.attackers)} attack, {len(layout.trainers)} ranks train")
-        world = len(layout.trainers)
-    _, ds, conadv, _, recipe, (tb, micro, gas) = resolve(args, world)
-    n_train = {"imagenet": 1_281_167, "digits": 1437, "fashion-mnist": 60000}[recipe.dataset]
+    plan = make_plan(args, world)
+    run, recipe = plan.run, plan.recipe
+    tb, micro, gas, world = (run.batch.train_batch_size, run.batch.micro_batch_per_rank,
+                             run.batch.gradient_accumulation_steps, run.batch.world_size)
+    if run.layout:
+        print(f"split: launch ranks {list(run.layout.attackers)} attack, {world} ranks train")
+    n_train = {"imagenet": IMAGENET_TRAIN_SIZE, "digits": 1437, "fashion-mnist": 60000}[recipe.dataset]
     check_batch(tb, n_train, recipe.dataset, args.deepspeed_config)
     steps_per_epoch = n_train // tb
-    total = total_steps(ds, recipe, steps_per_epoch, args.max_steps)
-    from conadv_ds.vision import build_classifier
+    total = total_steps(run, recipe, steps_per_epoch, args.max_steps)
+    from conadv_ds.models import build_classifier
 
     classes, chans = (1000, 3) if recipe.dataset == "imagenet" else (10, 1)
     n_params = sum(p.numel() for p in build_classifier(recipe.model, classes, chans, (0.5,) * chans,
                                                        (0.5,) * chans).parameters())
-    half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
-    opt_type = str(ds.get("optimizer", {}).get("type", "")).lower()
+    half = run.ds.get("bf16", {}).get("enabled") or run.ds.get("fp16", {}).get("enabled")
+    opt_type = str((run.optimizer or run.ds.get("optimizer", {})).get("type", "")).lower()
     states = 2 if opt_type in ("adam", "adamw", "lamb") else 1
+    conadv = run.conadv
     print(f"plan for {args.deepspeed_config} on {world} ranks:")
     print(f"  train_batch_size {tb} = micro-batch {micro} × gradient accumulation {gas} × world size {world}")
     print(f"  dataset {recipe.dataset} ({n_train} training images): {steps_per_epoch} steps/epoch, "
           f"{total} steps = {total / steps_per_epoch:.1f} epochs")
-    print("  learning rate: " + ", ".join(f"step {s}: {lr:.4g}" for s, lr in schedule_points(ds, total)))
+    print("  learning rate: " + ", ".join(f"step {s}: {lr:.4g}" for s, lr in schedule_points(run, total)))
+    every = {None: "each epoch", 0: "at the end"}.get(recipe.eval_interval, f"every {recipe.eval_interval} steps")
+    print(f"  evaluation (clean + {recipe.eval_steps}-step PGD): {every}")
     print(f"  conadv: schedule {conadv.schedule if conadv.enabled else 'off'}, τ={conadv.staleness}, "
           f"ε={conadv.epsilon:.4f}, steps={conadv.steps}, aux_bn={conadv.aux_bn}")
     mem = memory_plan(n_params, world, bool(half), states)
@@ -170,11 +181,11 @@ def dry_run(args: argparse.Namespace) -> None:
           + ", ".join(f"ZeRO-{s} {b / 2**20:.1f} MiB" for s, b in mem.items()))
 
 
-def total_steps(ds: dict, recipe: RecipeConfig, steps_per_epoch: int, max_steps: Optional[int]) -> int:
+def total_steps(run: RunConfig, recipe: RecipeConfig, steps_per_epoch: int, max_steps: Optional[int]) -> int:
     """--max_steps, else the scheduler's total_num_steps, else the recipe's epochs."""
     if max_steps:
         return max_steps
-    scheduled = ds.get("scheduler", {}).get("params", {}).get("total_num_steps")
+    scheduled = (run.scheduler or run.ds.get("scheduler", {})).get("params", {}).get("total_num_steps")
     return int(scheduled) if scheduled else max(1, round(recipe.epochs * steps_per_epoch))
 
 
@@ -188,25 +199,23 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.dry_run:
         return dry_run(args)
-    from conadv_ds import split
-
-    layout = split.plan(args.deepspeed_config, parse_overrides(args.conadv))
-    world = len(layout.trainers) if layout else int(os.environ.get("WORLD_SIZE", 1))
-    raw, ds, conadv, overrides, recipe, (tb, micro, gas) = resolve(args, world)
-    train(args, raw, ds, conadv, overrides, recipe, tb, micro, world)
+    train(args, make_plan(args))
 
 
-def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro: int, world: int) -> None:
+def train(args: argparse.Namespace, plan: Plan) -> None:
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     import conadv_ds
     from conadv_ds.data import vision as data
+    from conadv_ds.evaluation import evaluate
     from conadv_ds.fingerprint import weights_sha256
+    from conadv_ds.models import build_classifier
     from conadv_ds.perturb import PixelSpace
-    from conadv_ds.vision import build_classifier, evaluate
 
+    recipe, batch = plan.recipe, plan.run.batch
+    tb, micro, world = batch.train_batch_size, batch.micro_batch_per_rank, batch.world_size
     images = data.load(recipe.dataset, args.data_dir, recipe.autoaugment, recipe.image_size, recipe.strict_data)
     check_batch(tb, len(images.train), images.name, args.deepspeed_config)
     torch.manual_seed(args.seed)
@@ -215,8 +224,7 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
     def loss_fn(logits, batch):
         return F.cross_entropy(logits.float(), batch[1], label_smoothing=recipe.label_smoothing)
 
-    config = {k: v for k, v in raw.items() if k != "recipe"}
-    engine, _, _, _ = conadv_ds.initialize(model=model, config=config, conadv=overrides or None, loss_fn=loss_fn,
+    engine, _, _, _ = conadv_ds.initialize(model=model, config=plan.run, loss_fn=loss_fn,
                                            perturb=PixelSpace(parts=2 if recipe.autoaugment else 1))
     if engine.is_attacker:  # schedule 'split': serve the trainers' steps until they stop
         with contextlib.suppress(StopIteration):
@@ -226,10 +234,10 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
     rank, out = engine.global_rank, Path(args.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "effective_config.json").write_text(json.dumps({**config, "conadv": engine.conadv.model_dump(),
+        (out / "effective_config.json").write_text(json.dumps({**plan.config, "conadv": engine.conadv.model_dump(),
                                                                "recipe": recipe.model_dump()}, indent=2))
     steps_per_epoch = len(images.train) // tb
-    total = total_steps(ds, recipe, steps_per_epoch, args.max_steps)
+    total = total_steps(plan.run, recipe, steps_per_epoch, args.max_steps)
     if (args.resume or args.eval_only) and (out / "latest").is_file():
         engine.load_checkpoint(str(out))
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else None
@@ -248,7 +256,9 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
         engine.stop_attackers()
         run_eval("only")
         return
-    stream = data.train_stream(images.train, micro // 2 if recipe.autoaugment else micro, rank, world, args.seed,
+    # with autoaugment each of the `micro` images comes with its AutoAugment view (and, attacked,
+    # its adversarial copy): train_batch_size counts distinct images, as in the official batch
+    stream = data.train_stream(images.train, micro, rank, world, args.seed,
                                args.num_workers, collate_fn=data.concat_views if recipe.autoaugment else None)
     stream = itertools.islice(stream, engine.micro_batches_pulled, None)
     bar = tqdm(total=total, initial=engine.global_steps, disable=rank != 0, desc="train", dynamic_ncols=True)
@@ -269,8 +279,11 @@ def train(args, raw, ds, conadv, overrides, recipe: RecipeConfig, tb: int, micro
         if args.save_interval and step % args.save_interval == 0:
             engine.save_checkpoint(str(out))
         if step % steps_per_epoch == 0 and step < total:
-            run_eval(f"epoch {step // steps_per_epoch}")
+            if recipe.eval_interval is None:
+                run_eval(f"epoch {step // steps_per_epoch}")
             engine.save_checkpoint(str(out))
+        if recipe.eval_interval and step % recipe.eval_interval == 0 and step < total:
+            run_eval(f"step {step}")
     bar.close()
     engine.stop_attackers()
     engine.save_checkpoint(str(out))

@@ -11,12 +11,8 @@ labelled by the family of their topic (statements, built-in types, everything el
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from conadv_ds.cli import one_line_errors, parse_overrides  # noqa: E402
+from conadv_ds.cli import one_line_errors, parse_overrides
 
 STATEMENTS = {"assert", "assignment", "async", "augassign", "await", "break", "class", "compound", "continue", "del",
               "for", "function", "global", "if", "import", "lambda", "nonlocal", "pass", "raise", "return", "try",

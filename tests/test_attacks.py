@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from conadv_ds.adversary import Adversary
 from conadv_ds.attacks import pgd, random_start, random_wrong_labels
-from conadv_ds.bn import adversarial_branch, attack_bn_mode, convert_aux_bn
 from conadv_ds.batch import default_loss
+from conadv_ds.bn import adversarial_branch, attack_bn_mode, convert_aux_bn
 from conadv_ds.config import ConAdvConfig
-from conadv_ds.perturb import EmbeddingSpace, PixelSpace
+from conadv_ds.perturb import EmbeddingSpace, PixelSpace, resolve_space
 from tests.common import make_model
 
 
@@ -132,7 +132,8 @@ def test_attack_bn_mode_restores_statistics_and_mode(mode):
 # -- the adversary ---------------------------------------------------------------------------------
 
 def adversary(model, **cfg):
-    return Adversary(model, PixelSpace(), ConAdvConfig(**cfg), default_loss, rank=0)
+    cfg = ConAdvConfig(**cfg)
+    return Adversary(model, resolve_space(cfg, model, PixelSpace()), cfg, default_loss, rank=0)
 
 
 def test_attack_stream_is_private_and_reproducible():
@@ -235,8 +236,12 @@ def test_official_defaults():
     c = ConAdvConfig()
     assert c.norm == "linf" and math.isclose(c.epsilon, 9 / 255) and math.isclose(c.step_size, 9 / 255)
     assert c.steps == 1 and c.targeted and c.clean_start_prob == 0.2 and c.staleness == 1
-    assert c.schedule == "conadv" and c.clip_range == (0.0, 1.0) and c.uses_lookahead
-    assert ConAdvConfig(space="embedding").clip_range is None
+    assert c.schedule == "conadv" and c.uses_lookahead
+    # clip range: [0, 1] for (images, labels) batches, none for dict batches and in embedding space
+    pixel = resolve_space(c, make_model())
+    assert pixel.clip_for((torch.zeros(1), torch.zeros(1))) == (0.0, 1.0) and pixel.clip_for({"pixel_values": 0}) is None
+    assert resolve_space(ConAdvConfig(clip_range=None), make_model()).clip_for((0, 0)) is None
+    assert resolve_space(ConAdvConfig(clip_range=[-1, 2]), make_model()).clip_for({}) == (-1.0, 2.0)
 
 
 def test_pixel_space_with_parts_attacks_only_the_first_block():

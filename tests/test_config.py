@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from conadv_ds.config import ConAdvConfig, resolve_batch, split_config
+from conadv_ds.config import ConAdvConfig, resolve_batch
 from conadv_ds.errors import ConfigError
+from conadv_ds.resolve import resolve_config
 
 BASE = {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
 
@@ -53,7 +54,7 @@ BAD = [
 def test_bad_config_is_one_clear_line(patch, world, expected):
     cfg = {**BASE, **patch}
     with pytest.raises(ConfigError) as e:
-        split_config(cfg, world)
+        resolve_config(cfg, launch_size=world)
     msg = str(e.value)
     assert expected in msg, msg
     assert "\n" not in msg
@@ -61,25 +62,29 @@ def test_bad_config_is_one_clear_line(patch, world, expected):
 
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"config file '.*missing.json': not found"):
-        split_config(tmp_path / "missing.json", 1)
+        resolve_config(tmp_path / "missing.json", launch_size=1)
     bad = tmp_path / "bad.json"
     bad.write_text('{"train_batch_size": 8,\n "conadv": {')
     with pytest.raises(ConfigError, match=r"bad.json': invalid JSON at line 2 column"):
-        split_config(bad, 1)
+        resolve_config(bad, launch_size=1)
     arr = tmp_path / "arr.json"
     arr.write_text("[1]")
     with pytest.raises(ConfigError, match="top level must be a JSON object, got list"):
-        split_config(arr, 1)
+        resolve_config(arr, launch_size=1)
 
 
 def test_block_is_removed_and_parsed(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({**BASE, "conadv": {"schedule": "disadv", "epsilon": 0.5}}))
-    ds, cfg = split_config(path, 2)
+    run = resolve_config(path, launch_size=2)
+    ds, cfg = run.ds, run.conadv
     assert "conadv" not in ds and ds["train_batch_size"] == 32
     assert cfg.schedule == "disadv" and cfg.epsilon == 0.5 and cfg.enabled
-    assert not split_config(BASE, 2)[1].enabled  # no block: plain DeepSpeed
-    assert not split_config({**BASE, "conadv": {"enabled": False}}, 2)[1].adversarial
+    assert (run.batch.micro_batch_per_rank, run.batch.gradient_accumulation_steps) == (8, 2)
+    assert not resolve_config(BASE, launch_size=2).conadv.enabled  # no block: plain DeepSpeed
+    assert not resolve_config({**BASE, "conadv": {"enabled": False}}, launch_size=2).conadv.adversarial
+    over = resolve_config(path, {"epsilon": 0.25, "steps": 3}, launch_size=2).conadv
+    assert over.epsilon == 0.25 and over.steps == 3 and over.schedule == "disadv"
 
 
 @pytest.mark.parametrize("fields,world,expected", [
@@ -94,7 +99,9 @@ def test_batch_arithmetic(fields, world, expected):
 
 
 def test_config_is_immutable():
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         ConAdvConfig().epsilon = 1.0
 
 
@@ -113,3 +120,25 @@ def test_embedding_space_on_a_model_without_embeddings_fails_before_deepspeed():
     with pytest.raises(ConfigError, match="conadv.space='embedding': model SmallCNN has no get_input_embeddings"):
         conadv_ds.initialize(model=make_model(), config={**BASE, "train_batch_size": 8,
                                                          "conadv": {"space": "embedding"}})
+
+
+@pytest.mark.parametrize("tb,world,expected", [(98304, 256, (128, 3)), (1024, 512, (2, 1)), (1024, 8, (128, 1)),
+                                               (4096, 24, None), (3 * 1024, 8, (128, 3))])
+def test_max_micro_batch_derives_accumulation(tb, world, expected):
+    cfg = {"train_batch_size": tb, "max_train_micro_batch_size_per_gpu": 128}
+    if expected is None:
+        with pytest.raises(ConfigError, match=r"train_batch_size=4096: not divisible by gradient_accumulation_steps"):
+            resolve_config(cfg, launch_size=world)
+        return
+    run = resolve_config(cfg, launch_size=world)
+    assert (run.batch.micro_batch_per_rank, run.batch.gradient_accumulation_steps) == expected
+    assert "max_train_micro_batch_size_per_gpu" not in run.ds  # ours: DeepSpeed never sees it
+    assert run.ds["train_micro_batch_size_per_gpu"] * run.ds["gradient_accumulation_steps"] * world == tb
+
+
+def test_max_micro_batch_errors():
+    with pytest.raises(ConfigError, match=r"^max_train_micro_batch_size_per_gpu=0: must be a positive integer$"):
+        resolve_config({"train_batch_size": 64, "max_train_micro_batch_size_per_gpu": 0}, launch_size=2)
+    with pytest.raises(ConfigError, match=r"set it instead of train_micro_batch_size_per_gpu"):
+        resolve_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8,
+                        "max_train_micro_batch_size_per_gpu": 16}, launch_size=2)

@@ -33,7 +33,8 @@ def folder(tmp_path):
 
 
 def test_unreadable_images_are_skipped_and_counted(folder):
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     root, bad = folder
     data = vision.load("imagenet", str(root), image_size=16)

@@ -30,8 +30,15 @@ def text_data(n=32, length=12, vocab=50, labels="tokens"):
 
 
 def models():
-    from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                              ViTConfig, ViTForImageClassification)
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     bert = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                 max_position_embeddings=16)
@@ -68,7 +75,7 @@ def test_trains_and_logs_clean_and_adversarial_loss(tmp_path, name):
     for h in logs:
         assert h["adv_loss"] > h["clean_loss"] > 0
     expected = "PixelSpace" if name == "vit" else "EmbeddingSpace"
-    assert type(trainer._space_obj).__name__ == expected
+    assert type(trainer._objective.space).__name__ == expected
 
 
 class Recorder(TrainerCallback):
@@ -140,12 +147,125 @@ def test_conadv_sources(tmp_path):
         ConAdvTrainingArguments(output_dir=str(tmp_path / "out"), conadv={"schedule": "split"}, report_to=[])
 
 
-def test_two_rank_deepspeed_zero3(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_deepspeed(tmp_path, stage):
+    """The Trainer's DeepSpeed integration on 2 ranks: logs averaged over ranks, ≡ the plain Trainer
+    when the attack vanishes (GA 2), and resume_from_checkpoint continues exactly for τ = 1, 2."""
     from tests.distributed import launch
 
-    launch("hf_worker.py", "--out", str(tmp_path))
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["world"] == 2 and result["deepspeed"] and result["stage"] == 3
+    launch("hf_worker.py", "--out", str(tmp_path), "--stage", str(stage))
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert result["world"] == 2 and result["deepspeed"]
     logs = [h for h in result["log"] if "clean_loss" in h]
     assert [h["step"] for h in logs] == [2, 4] and all(h["adv_loss"] > h["clean_loss"] for h in logs)
     assert result["stale_bytes"] > 0  # a shard of the old weights, kept on each rank
+    assert result["vanishing_max_diff"] <= 1e-6
+    for tau in (1, 2):
+        assert result[f"resume_tau{tau}_max_diff"] == 0.0, tau
+        assert result[f"resume_tau{tau}_moved"] > 1e-4  # the steps after the checkpoint changed the weights
+
+
+def no_dropout_models():
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    bert = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return {"bert": lambda: BertForMaskedLM(BertConfig(**bert)),
+            "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))}
+
+
+def sum_then_divide(outputs, labels, num_items_in_batch=None):
+    """A user's compute_loss_func: token cross-entropy normalised over the accumulated batch."""
+    logits = outputs.logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
+
+
+VANISHING = {"epsilon": 1e-12, "step_size": 1e-12, "norm": "l2", "targeted": False}
+# GPT-2 cases use SGD: Adam's first update is about lr·g/|g| per coordinate, so GPT-2's
+# mathematically zero gradients (softmax-invariant key biases, padded positions) turn rounding
+# noise into lr-sized steps in both runs alike; SGD shows the loss path itself.
+EQUIVALENCE = {  # case: (model, Trainer keyword arguments, compute_loss_func)
+    "bert-ga2": ("bert", {"gradient_accumulation_steps": 2}, None),
+    "bert-label-smoothing-ga2": ("bert", {"gradient_accumulation_steps": 2, "label_smoothing_factor": 0.1}, None),
+    "bert-loss-func-ga2": ("bert", {"gradient_accumulation_steps": 2}, sum_then_divide),
+    "gpt2-num-items-ga2": ("gpt2", {"gradient_accumulation_steps": 2, "optim": "sgd"}, None),
+    "gpt2-label-smoothing": ("gpt2", {"label_smoothing_factor": 0.1, "optim": "sgd"}, None),
+}
+
+
+def run_host(tmp_path, case, conadv):
+    """The plain `Trainer` (conadv None) or ConAdvTrainer on the same model, data and seed."""
+    from transformers import Trainer, TrainingArguments
+
+    name, extra, loss_func = EQUIVALENCE[case]
+    common = dict(per_device_train_batch_size=4, max_steps=6, logging_steps=2, report_to=[], use_cpu=True, seed=0,
+                  learning_rate=5e-3, save_strategy="no", **extra)
+    torch.manual_seed(0)
+    model = no_dropout_models()[name]()
+    if conadv is None:
+        args, cls = TrainingArguments(str(tmp_path / "plain"), **common), Trainer
+    else:
+        args, cls = ConAdvTrainingArguments(str(tmp_path / "conadv"), conadv=conadv, **common), ConAdvTrainer
+    trainer = cls(model=model, args=args, train_dataset=text_data(), compute_loss_func=loss_func)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("case", list(EQUIVALENCE))
+@pytest.mark.parametrize("conadv", ["off", "vanishing"])
+def test_trains_exactly_like_the_trainer_where_conadv_adds_nothing(tmp_path, case, conadv):
+    """Disabled, or with ε → 0 (the adversarial half then equals the clean half), ConAdvTrainer's
+    weights and logged losses follow the plain Trainer's at any accumulation, with label
+    smoothing, a compute_loss_func, and models whose loss takes num_items_in_batch."""
+    plain = run_host(tmp_path, case, None)
+    ours = run_host(tmp_path, case, {"enabled": False} if conadv == "off" else VANISHING)
+    for (n, a), b in zip(plain.model.named_parameters(), ours.model.parameters()):
+        assert (a - b).abs().max() <= 1e-6, n
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, ours)]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    if conadv == "vanishing":
+        clean = [h["clean_loss"] for h in ours.state.log_history if "clean_loss" in h]
+        adv = [h["adv_loss"] for h in ours.state.log_history if "adv_loss" in h]
+        assert clean == pytest.approx(adv, rel=1e-5) and clean == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_embedding_space_is_not_clipped(tmp_path):
+    """The README's Trainer example: an L2 ball on BERT's word embeddings, no clip range given."""
+    trainer = trainer_for("bert-mlm", tmp_path, max_steps=1)
+    trainer.args.gradient_accumulation_steps = 1
+    seen = []
+    original = trainer._delta
+
+    def recording(inputs):
+        delta = original(inputs)
+        seen.append((inputs["input_ids"].clone(), delta.detach().clone()))
+        return delta
+
+    trainer._delta = recording
+    trainer.train()
+    ids, delta = seen[0]
+    emb = trainer.model.get_input_embeddings()(ids).detach()
+    assert (emb < 0).any() and ((emb + delta) < 0).any()  # a [0, 1] clamp would have removed every negative
+    per_sequence = delta.flatten(1).norm(dim=1)
+    assert per_sequence.max() <= TEXT["epsilon"] + 1e-5 and per_sequence.max() > 0.1
+
+
+def test_hf_argument_parser_takes_inline_json(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser((ConAdvTrainingArguments,)).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--report_to", "none", "--conadv", '{"space": "embedding", "epsilon": 0.1}'])
+    assert args.conadv_config.epsilon == 0.1 and args.conadv_config.space == "embedding"
+    with pytest.raises(ConfigError, match=r"^inline JSON .*: invalid"):
+        HfArgumentParser((ConAdvTrainingArguments,)).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--report_to", "none", "--conadv", '{"epsilon": }'])
+
+
+def test_resume_with_another_staleness_is_a_clear_error(tmp_path):
+    trainer_for("bert-mlm", tmp_path / "a", {"staleness": 2}, save_strategy="steps", save_steps=2).train()
+    other = trainer_for("bert-mlm", tmp_path / "b", {"staleness": 1})
+    with pytest.raises(ConfigError, match=r"saved with conadv.staleness=2 but this run has 1"):
+        other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conadv_ds import split
 from conadv_ds.errors import ConfigError
+from conadv_ds.resolve import resolve_config
 from tests.common import DETERMINISTIC, ds_config
 from tests.distributed import launch
 
@@ -82,7 +82,7 @@ def test_impossible_layouts(monkeypatch, attackers, size, stage, message):
     cfg = ds_config(stage, 1, {**DETERMINISTIC, "schedule": "split", "attacker_ranks": attackers})
     cfg.pop("train_batch_size", None)
     with pytest.raises(ConfigError) as err:
-        split.plan(cfg)
+        resolve_config(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -91,10 +91,10 @@ def test_batch_arithmetic_counts_trainers_only(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     ok = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
           "conadv": {"schedule": "split", "attacker_ranks": 1}}
-    assert split.plan(ok).trainers == (0, 1)
+    assert resolve_config(ok).layout.trainers == (0, 1)
     bad = {**ok, "train_batch_size": 24}
     with pytest.raises(ConfigError, match=r"train_batch_size=24.*world size is the 2 trainer ranks of 3"):
-        split.plan(bad)
+        resolve_config(bad)
 
 
 def test_zero3_hpz_must_divide_trainers(monkeypatch):
@@ -103,12 +103,12 @@ def test_zero3_hpz_must_divide_trainers(monkeypatch):
            "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2},
            "conadv": {"schedule": "split", "attacker_ranks": 1}}
     with pytest.raises(ConfigError, match=r"zero_hpz_partition_size=2: must divide the 3 trainer ranks"):
-        split.plan(cfg)
+        resolve_config(cfg)
 
 
 def test_not_split_means_no_layout(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert split.plan(ds_config(2, 1, DETERMINISTIC)) is None
+    assert resolve_config(ds_config(2, 1, DETERMINISTIC)).layout is None
 
 
 def test_validate_counts_trainers(tmp_path):

@@ -135,7 +135,7 @@ def mlm_stream(dataset: Dataset, micro_batch: int, rank: int, world: int, seed: 
         epoch += 1
 
 
-def split(texts: Sequence[str], held_out: float = 0.05) -> tuple[list[str], list[str]]:
+def train_heldout_split(texts: Sequence[str], held_out: float = 0.05) -> tuple[list[str], list[str]]:
     """Deterministic train / held-out split: every k-th text is held out."""
     k = max(2, round(1 / held_out))
     return [t for i, t in enumerate(texts) if i % k], [t for i, t in enumerate(texts) if not i % k]

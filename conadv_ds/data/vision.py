@@ -82,7 +82,8 @@ def fashion_mnist(root: Path = FASHION_MNIST_DIR) -> ImageData:
 def imagenet(data_dir: Path, image_size: int = 224, autoaugment: bool = False, strict: bool = False) -> ImageData:
     """ImageNet folder layout with the standard transforms (no normalisation). Unreadable files
     are skipped (see `SkipUnreadable`), or with `strict` stop the run with their name."""
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     data_dir = Path(data_dir)
     for split in ("train", "val"):
@@ -128,7 +129,7 @@ class SkipUnreadable(Dataset):
                 if path not in self.skipped:
                     self.skipped.add(path)
                     warnings.warn(f"skipping unreadable image {path} ({reason}); "
-                                  f"{len(self.skipped)} skipped so far")
+                                  f"{len(self.skipped)} skipped so far", stacklevel=2)
         raise ConfigError(f"{self.folder.root}: none of its {len(self.folder)} images can be read")
 
 

@@ -13,7 +13,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
-from tests.common import DETERMINISTIC, ds_config, digits_batches, make_model, rank_slice  # noqa: E402
+from tests.common import (  # noqa: E402
+    DETERMINISTIC,
+    digits_batches,
+    ds_config,
+    make_model,
+    rank_slice,
+)
 
 STEPS = 4
 

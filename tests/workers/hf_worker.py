@@ -1,8 +1,8 @@
-"""Runs on 2 CPU ranks: ConAdvTrainer with the Trainer's own DeepSpeed ZeRO-3 integration, the
-conadv block read from the DeepSpeed config."""
+"""Runs on 2 CPU ranks: ConAdvTrainer with the Trainer's own DeepSpeed integration (the conadv
+block read from the DeepSpeed config): logs, ≡ the plain Trainer when the attack vanishes, and
+exact resume for τ = 1 and 2. Results (fp32 master weights, gathered) saved by rank 0."""
 
 import argparse
-import json
 import os
 import sys
 
@@ -11,29 +11,64 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from conadv_ds.hf import ConAdvTrainer, ConAdvTrainingArguments  # noqa: E402
-from tests.test_hf_trainer import TEXT, models  # noqa: E402
+from tests.test_hf_trainer import TEXT, VANISHING, models, no_dropout_models, text_data  # noqa: E402
+
+
+def ds_config(stage, conadv=None, gas=1):
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas, "train_batch_size": 8 * gas,
+           "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}}
+    return {**cfg, "conadv": conadv} if conadv is not None else cfg
+
+
+def fp32_weights(trainer):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p).detach().clone() for p in trainer.model_wrapped.module.parameters()]
+
+
+def run(out, stage, conadv, make, data=None, gas=1, max_steps=4, resume=None, save_steps=None, plain=False):
+    from transformers import Trainer, TrainingArguments
+
+    common = dict(per_device_train_batch_size=4, max_steps=max_steps, logging_steps=2, report_to=[], use_cpu=True,
+                  seed=0, learning_rate=5e-3, max_grad_norm=0.0, gradient_accumulation_steps=gas,
+                  save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                  deepspeed=ds_config(stage, None if plain else conadv, gas))
+    args = TrainingArguments(out, **common) if plain else ConAdvTrainingArguments(out, **common)
+    torch.manual_seed(0)
+    cls = Trainer if plain else ConAdvTrainer
+    trainer = cls(model=make(), args=args, train_dataset=data or text_data())
+    trainer.train(resume_from_checkpoint=resume)
+    assert trainer.model_wrapped.zero_optimization_stage() == stage
+    return trainer
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, required=True)
     args = parser.parse_args()
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 8,
-          "gradient_clipping": 0.0, "zero_optimization": {"stage": 3},
-          "conadv": {**TEXT, "space": "embedding", "staleness": 1}}
-    targs = ConAdvTrainingArguments(args.out, per_device_train_batch_size=4, max_steps=4, logging_steps=2,
-                                    report_to=[], use_cpu=True, seed=0, learning_rate=5e-3, save_strategy="no",
-                                    max_grad_norm=0.0, deepspeed=ds)
-    make, data, _ = models()["bert-mlm"]
-    torch.manual_seed(0)
-    trainer = ConAdvTrainer(model=make(), args=targs, train_dataset=data)
-    trainer.train()
+    out, stage = args.out, args.stage
+    result = {}
+    make = models()["bert-mlm"][0]
+    trainer = run(f"{out}/logs", stage, {**TEXT, "space": "embedding", "staleness": 1}, make)
+    result.update(world=trainer.args.world_size, log=trainer.state.log_history, deepspeed=trainer.is_deepspeed_enabled,
+                  stale_bytes=trainer._schedule.extra_bytes())
+    bert = no_dropout_models()["bert"]
+    plain = fp32_weights(run(f"{out}/plain", stage, None, bert, gas=2, plain=True))
+    vanishing = fp32_weights(run(f"{out}/vanishing", stage, VANISHING, bert, gas=2))
+    result["vanishing_max_diff"] = max(float((a - b).abs().max()) for a, b in zip(plain, vanishing))
+    for tau in (1, 2):
+        block = {**TEXT, "staleness": tau}
+        straight = run(f"{out}/straight{tau}", stage, block, make, max_steps=6, save_steps=3)
+        resumed = run(f"{out}/resumed{tau}", stage, block, make, max_steps=6,
+                      resume=f"{out}/straight{tau}/checkpoint-3")
+        a, b = fp32_weights(straight), fp32_weights(resumed)
+        result[f"resume_tau{tau}_max_diff"] = max(float((x - y).abs().max()) for x, y in zip(a, b))
+        result[f"resume_tau{tau}_moved"] = max(float((x - y).abs().max())
+                                               for x, y in zip(a, fp32_weights(run(f"{out}/short{tau}", stage, block,
+                                                                                   make, max_steps=3))))
     if trainer.args.process_index == 0:
-        with open(os.path.join(args.out, "result.json"), "w") as f:
-            json.dump({"world": trainer.args.world_size, "log": trainer.state.log_history,
-                       "deepspeed": trainer.is_deepspeed_enabled,
-                       "stage": trainer.model_wrapped.zero_optimization_stage(),
-                       "stale_bytes": trainer._schedule.extra_bytes()}, f)
+        torch.save(result, os.path.join(out, "result.pt"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import conadv_ds  # noqa: E402
 import conadv_ds.checkpoint as ckpt  # noqa: E402
-from tests.common import ds_config, digits_batches, make_model, rank_slice  # noqa: E402
+from tests.common import digits_batches, ds_config, make_model, rank_slice  # noqa: E402
 
 
 def die_on_call(module, name, after=0):

@@ -6,7 +6,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import conadv_ds  # noqa: E402
-from tests.common import ds_config, digits_batches, make_model, rank_slice  # noqa: E402
+from tests.common import digits_batches, ds_config, make_model, rank_slice  # noqa: E402
 
 
 def main():

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import conadv_ds  # noqa: E402
 from conadv_ds.fingerprint import weights_sha256  # noqa: E402
-from tests.common import ds_config, digits_batches, make_model, rank_slice  # noqa: E402
+from tests.common import digits_batches, ds_config, make_model, rank_slice  # noqa: E402
 
 K = 3
 RANDOM_ATTACK = {"epsilon": 0.1, "step_size": 0.05, "steps": 2, "clean_start_prob": 0.3, "targeted": True}

@@ -14,7 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
-from tests.common import DETERMINISTIC, ds_config, digits_batches, make_model, rank_slice  # noqa: E402
+from tests.common import (  # noqa: E402
+    DETERMINISTIC,
+    digits_batches,
+    ds_config,
+    make_model,
+    rank_slice,
+)
 
 STEPS = 4
 # Random starts and random target labels: split must reproduce the attack's seeded streams too.
@@ -37,8 +43,8 @@ def train(stage: int, conadv: dict, gas: int) -> dict:
     if not engine.is_attacker:
         prepare = engine.schedule.prepare
 
-        def recording(step, pull, source):
-            prepared = prepare(step, pull, source)
+        def recording(step, pull):
+            prepared = prepare(step, pull)
             deltas.update({(step, m): d.clone() for m, (_, d) in enumerate(prepared)})
             return prepared
 

@@ -1,0 +1,49 @@
+"""Clean and robust evaluation of image classifiers, summed over ranks on the device."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import pgd
+from .bn import attack_bn_mode
+from .reduce import all_reduce_sum
+
+
+@torch.no_grad()
+def _topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == y[:, None]).any(dim=-1).sum()
+
+
+def evaluate(module: nn.Module, loader, epsilon: float, steps: int, step_size: Optional[float] = None,
+             device: torch.device = torch.device("cpu"), dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+    """Clean top-1/top-5 and robust top-1 under untargeted L∞ PGD (ε, steps; random start),
+    summed over ranks. The model is in eval mode throughout; its training mode is restored."""
+    was_training = module.training
+    module.eval()
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, robust top1, n
+    gen = torch.Generator(device=device).manual_seed(0)
+    alpha = step_size if step_size is not None else 2.5 * epsilon / max(steps, 1)
+    with attack_bn_mode(module, "eval"):
+        for x, y in loader:
+            x, y = x.to(device, dtype or x.dtype), y.to(device)
+            with torch.no_grad():
+                logits = module(x).float()
+            counts[0] += _topk(logits, y, 1)
+            counts[1] += _topk(logits, y, 5)
+            if steps > 0 and epsilon > 0:
+                delta = pgd(lambda d, x=x, y=y: F.cross_entropy(module(x + d).float(), y), x, norm="linf",
+                            epsilon=epsilon,
+                            step_size=alpha, steps=steps, start_random=True, generator=gen, clip_range=(0.0, 1.0))
+                with torch.no_grad():
+                    counts[2] += _topk(module(x + delta).float(), y, 1)
+            counts[3] += len(y)
+    module.train(was_training)
+    top1, top5, robust, n = all_reduce_sum(counts).tolist()
+    n = max(n, 1.0)
+    return {"top1": top1 / n, "top5": top5 / n,
+            "robust_top1": robust / n if steps > 0 and epsilon > 0 else float("nan"), "n": n}

@@ -1,0 +1,130 @@
+"""The one micro-step objective: its loss and statistics against plain PyTorch, the device-side
+step metrics against a hand computation, and every front end (ConAdvEngine, ConAdvTrainer, the
+BERT recipe) going through it."""
+
+import json
+import runpy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conadv_ds.objective import Objective, StepMetrics
+from conadv_ds.perturb import PixelSpace
+from tests.common import make_model
+from tests.distributed import ROOT, launch
+
+
+def forward_of(model):
+    def forward(batch):
+        out = model(batch[0])
+        return F.cross_entropy(out, batch[1]), out
+    return forward
+
+
+@pytest.mark.parametrize("lam", [0.5, 1 / 3, 1.0])
+def test_loss_and_statistics_match_plain_pytorch(lam):
+    torch.manual_seed(0)
+    model = make_model().train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    delta = 0.1 * torch.randn_like(x)
+    step = Objective(PixelSpace(), lam)(forward_of(model), (x, y), delta)
+    clean_logits, adv_logits = model(x), model(x + delta)
+    clean, adv = F.cross_entropy(clean_logits, y), F.cross_entropy(adv_logits, y)
+    expected = adv if lam == 1 else (1 - lam) * clean + lam * adv
+    assert torch.allclose(step.loss, expected, atol=1e-6)
+    (g,) = torch.autograd.grad(step.loss, model.fc.weight)
+    (g_ref,) = torch.autograd.grad(expected, model.fc.weight)
+    assert torch.allclose(g, g_ref, atol=1e-6)
+    s = step.stats
+    assert torch.allclose(s.adv_loss, adv) and int(s.adv_correct) == int((adv_logits.argmax(1) == y).sum())
+    assert int(s.adv_counted) == 8
+    if lam < 1:
+        assert torch.allclose(s.clean_loss, clean) and int(s.correct) == int((clean_logits.argmax(1) == y).sum())
+    else:
+        assert s.clean_loss is None and int(s.counted) == 0
+
+
+def test_no_delta_is_the_plain_loss():
+    model = make_model().train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    step = Objective(PixelSpace(), 0.5)(forward_of(model), (x, y), None)
+    assert torch.equal(step.loss, F.cross_entropy(model(x), y)) and step.stats.adv_loss is None
+
+
+def test_only_the_first_block_is_attacked_with_parts():
+    model = make_model().train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    delta = 0.1 * torch.randn(4, 1, 8, 8)
+    step = Objective(PixelSpace(parts=2), 1 / 3)(forward_of(model), (x, y), delta)
+    expected = 2 / 3 * F.cross_entropy(model(x), y) + 1 / 3 * F.cross_entropy(model(x[:4] + delta), y[:4])
+    assert torch.allclose(step.loss, expected, atol=1e-6) and int(step.stats.adv_counted) == 4
+
+
+def test_step_metrics_average_over_micro_batches():
+    model = make_model().train()
+    objective, metrics, rows = Objective(PixelSpace(), 0.5), StepMetrics(), []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        s = objective(forward_of(model), (x, y), torch.full_like(x, 0.05)).stats
+        metrics.add(s)
+        rows.append((float(s.loss), float(s.clean_loss), float(s.adv_loss), int(s.correct), int(s.adv_correct)))
+    m = metrics.read()
+    assert m["loss"] == pytest.approx(sum(r[0] for r in rows) / 3)
+    assert m["clean_loss"] == pytest.approx(sum(r[1] for r in rows) / 3)
+    assert m["adv_loss"] == pytest.approx(sum(r[2] for r in rows) / 3)
+    assert m["accuracy"] == pytest.approx(sum(r[3] for r in rows) / 24)
+    assert m["adv_accuracy"] == pytest.approx(sum(r[4] for r in rows) / 24)
+    assert metrics.read() == {}  # read resets
+
+
+class Counting:
+    """Wraps Objective.__call__ and counts the calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = Objective.__call__
+
+        def counted(obj, *args, **kwargs):
+            self.calls += 1
+            return original(obj, *args, **kwargs)
+
+        monkeypatch.setattr(Objective, "__call__", counted)
+
+
+def test_the_trainer_goes_through_the_objective(tmp_path, monkeypatch):
+    from tests.test_hf_trainer import trainer_for
+
+    counting = Counting(monkeypatch)
+    trainer_for("bert-mlm", tmp_path, max_steps=3, gradient_accumulation_steps=2).train()
+    assert counting.calls == 6
+
+
+def test_the_bert_recipe_goes_through_the_objective(tmp_path, monkeypatch):
+    counting = Counting(monkeypatch)
+    cfg = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
+    cfg.pop("train_batch_size", None)
+    cfg.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    main = runpy.run_path(str(ROOT / "recipes" / "bert_pretrain.py"))["main"]
+    main(["--deepspeed_config", str(tmp_path / "c.json"), "--max_steps", "2", "--output_dir", str(tmp_path / "out")])
+    assert counting.calls == 2 * 2
+
+
+def test_the_engine_goes_through_the_objective(tmp_path):
+    launch("objective_worker.py", "--out", str(tmp_path), nproc=1)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["calls"] == result["steps"] * result["gas"] == 6
+
+
+def test_one_host_sync_per_step_and_collectives_on_the_device(tmp_path):
+    """Statistics stay on the device across micro-batches: ConAdv adds the same number of host
+    syncs per optimizer step at gradient accumulation 1 and 4 (at most one: the metrics read),
+    and every tensor handed to a
+    collective during training and evaluation lives on the engine's device."""
+    launch("sync_worker.py", "--out", str(tmp_path))
+    r = json.loads((tmp_path / "result.json").read_text())
+    extra = {gas: r[f"ours_gas{gas}"] - r[f"raw_gas{gas}"] for gas in (1, 4)}
+    assert extra[1] == extra[4] and extra[1] <= 1, r
+    assert r["collective_devices"] == [r["engine_device"]], r

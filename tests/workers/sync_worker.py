@@ -1,0 +1,104 @@
+"""Runs on 2 CPU ranks: host syncs per optimizer step (Tensor.item/__float__/__int__/__bool__/tolist
+calls) of ConAdvEngine.train_batch against a raw DeepSpeed loop over the same micro-batches, at
+gradient accumulation 1 and 4; and the device of every tensor handed to a collective."""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import conadv_ds  # noqa: E402
+from tests.common import DETERMINISTIC, digits_batches, ds_config, make_model  # noqa: E402
+
+SYNCS = ("item", "__float__", "__int__", "__bool__", "tolist")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+
+
+class Counter:
+    def __init__(self):
+        self.syncs = 0
+        self.devices = set()
+        self.active = False
+        for name in SYNCS:
+            self._wrap(torch.Tensor, name, self._sync)
+        for name in COLLECTIVES:
+            self._wrap(dist, name, self._collective)
+
+    def _wrap(self, owner, name, hook):
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            if self.active:
+                hook(list(args) + list(kwargs.values()))
+            return original(*args, **kwargs)
+
+        setattr(owner, name, wrapped)
+
+    def _sync(self, args):
+        self.syncs += 1
+
+    def _collective(self, args):
+        for a in args:
+            for x in (a if isinstance(a, (list, tuple)) else [a]):
+                if isinstance(x, torch.Tensor):
+                    self.devices.add(str(x.device))
+
+
+def rank_slice(batch, rank):
+    x, y = batch
+    n = len(x) // 2
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    out = parser.parse_args().out
+    counter = Counter()
+    result = {}
+    steps = 3
+    for gas in (1, 4):
+        batches = [rank_slice(mb, int(os.environ["RANK"])) for s in digits_batches(steps + 2, gas) for mb in s]
+        engine, *_ = conadv_ds.initialize(model=make_model(), config=ds_config(2, gas, DETERMINISTIC))
+        data = iter(batches)
+        engine.train_batch(data)  # warm-up step (first-step set-up is not per-step cost)
+        counter.syncs, counter.active = 0, True
+        for _ in range(steps):
+            engine.train_batch(data)
+        counter.active = False
+        result[f"ours_gas{gas}"] = counter.syncs / steps
+        result["engine_device"] = str(engine.device)
+        plain = make_model()
+        raw, *_ = deepspeed.initialize(model=plain, model_parameters=plain.parameters(), config=ds_config(2, gas))
+        data = iter(batches)
+        for _ in range(gas):
+            x, y = next(data)
+            raw.backward(F.cross_entropy(raw(x), y))
+            raw.step()
+        counter.syncs, counter.active = 0, True
+        for _ in range(steps * gas):
+            x, y = next(data)
+            raw.backward(F.cross_entropy(raw(x), y))
+            raw.step()
+        counter.active = False
+        result[f"raw_gas{gas}"] = counter.syncs / steps
+    counter.active = True
+    from conadv_ds.evaluation import evaluate
+
+    evaluate(engine.module, [rank_slice(digits_batches(1)[0][0], 0)], epsilon=0.05, steps=1, device=engine.device)
+    counter.active = False
+    result["collective_devices"] = sorted(counter.devices)
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
