@@ -66,13 +66,14 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parame
         run = resolve_config(config, conadv)
     cfg, ds_config = run.conadv, run.ds
     _check_precision(ds_config, model)
-    if cfg.adversarial and cfg.aux_bn and not has_aux_bn(model):
+    space = resolve_space(cfg, model, perturb) if cfg.adversarial else None
+    augmented = getattr(space, "parts", 1) > 1
+    if cfg.adversarial and cfg.aux_bn and not (has_aux_bn(model) and (has_aux_bn(model, "aa") or not augmented)):
         if optimizer is not None or model_parameters is not None:
             raise ConfigError("conadv.aux_bn=true: the auxiliary BatchNorm parameters are added to the model by "
                               "initialize; pass no optimizer= or model_parameters= built before, or call "
                               "conadv_ds.bn.convert_aux_bn(model) before building them")
-        convert_aux_bn(model)
-    space = resolve_space(cfg, model, perturb) if cfg.adversarial else None
+        convert_aux_bn(model, augmented=augmented)
     if run.layout is not None:
         from .split.link import connect
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import batch as B
-from .bn import adversarial_branch
+from .bn import adversarial_branch, bn_branch, has_aux_bn
 from .perturb import Space
 from .reduce import all_reduce_sum, world_size
 
@@ -52,14 +52,15 @@ class Objective:
                  aux_bn: bool = False):
         self.space, self.adv_weight, self.module, self.aux_bn = space, adv_weight, module, aux_bn
         self.causal = B.is_causal_lm(module)
+        self.views_apart = module is not None and aux_bn and has_aux_bn(module, "aa")
+        """ConAdv+AA with three BatchNorm branches: the AutoAugment block gets its own forward
+        through the "aa" branch (otherwise the clean and AutoAugment blocks share one forward)."""
 
     def __call__(self, forward: Forward, batch: B.Batch, delta: Optional[Tensor]) -> MicroStep:
         lam = self.adv_weight
         clean = adv = None
         if delta is None or lam < 1:
-            clean, out = forward(batch)
-            correct, counted = B.correct(out, batch, self.causal)
-            del out
+            clean, correct, counted = self._clean(forward, batch)
         if delta is not None:
             part = self.space.adversarial_part(batch)
             with adversarial_branch(self.module, self.aux_bn and self.module is not None):
@@ -81,6 +82,21 @@ class Objective:
                            adv_loss=None if adv is None else adv.detach(), correct=correct, counted=counted,
                            adv_correct=adv_correct, adv_counted=adv_counted)
         return MicroStep(loss, stats)
+
+
+    def _clean(self, forward: Forward, batch: B.Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The clean part's loss and counts: one forward, or one per view (clean through the main
+        BatchNorm, AutoAugment through its branch), each view weighted equally."""
+        views = self.space.views(batch) if self.views_apart else [batch]
+        losses, correct, counted = [], 0, 0
+        for i, view in enumerate(views):
+            with bn_branch(self.module, "main" if i == 0 else "aa"):
+                loss, out = forward(view)
+            c, n = B.correct(out, view, self.causal)
+            losses.append(loss)
+            correct, counted = correct + c, counted + n
+            del out
+        return sum(losses) / len(losses), correct, counted
 
 
 _FIELDS = ("loss", "clean_loss", "adv_loss", "correct", "counted", "adv_correct", "adv_counted")

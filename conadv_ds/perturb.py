@@ -61,13 +61,15 @@ class PixelSpace(_Space):
 
     def adversarial_part(self, batch: B.Batch) -> B.Batch:
         """The samples that get an adversarial copy."""
-        if self.parts == 1:
-            return batch
+        return batch if self.parts == 1 else self.views(batch)[0]
+
+    def views(self, batch: B.Batch) -> list[B.Batch]:
+        """The `parts` blocks of a batch: the clean images first, then their augmented views."""
         if B.is_dict(batch):
             n = len(batch[self.input_key]) // self.parts
-            return {k: v[:n] for k, v in batch.items()}
+            return [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(self.parts)]
         n = len(batch[0]) // self.parts
-        return batch[0][:n], batch[1][:n]
+        return [(batch[0][i * n:(i + 1) * n], batch[1][i * n:(i + 1) * n]) for i in range(self.parts)]
 
     def origin(self, model: nn.Module, batch: B.Batch) -> tuple[Tensor, Optional[Tensor]]:
         self.check(batch)

@@ -116,6 +116,8 @@ def test_the_engine_goes_through_the_objective(tmp_path):
     launch("objective_worker.py", "--out", str(tmp_path), nproc=1)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["calls"] == result["steps"] * result["gas"] == 6
+    # AutoAugment views (a space of 2 parts) with aux_bn get their own BatchNorm branch; plain runs do not
+    assert result["aa_branch"] and not result["plain_adv_branch_only"]
 
 
 def test_one_host_sync_per_step_and_collectives_on_the_device(tmp_path):
@@ -128,3 +130,47 @@ def test_one_host_sync_per_step_and_collectives_on_the_device(tmp_path):
     extra = {gas: r[f"ours_gas{gas}"] - r[f"raw_gas{gas}"] for gas in (1, 4)}
     assert extra[1] == extra[4] and extra[1] <= 1, r
     assert r["collective_devices"] == [r["engine_device"]], r
+
+
+def _with_branch(model, attr):
+    """A copy of `model` whose every BatchNorm is replaced by its `attr` copy (plain PyTorch)."""
+    import copy
+
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    clone = copy.deepcopy(model)
+    for m in list(clone.modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, _BatchNorm) and hasattr(child, attr):
+                plain = copy.deepcopy(getattr(child, attr))
+                setattr(m, child_name, plain)
+    return clone
+
+
+def test_autoaugment_batch_has_three_branches_each_a_third():
+    """The official ConAdv+AA batch: clean, AutoAugment and adversarial copies of the same images,
+    each 1/3 of the loss; clean through the main BatchNorm, AutoAugment through its own branch,
+    adversarial through the adversarial branch; each branch's running statistics see only its part;
+    evaluation uses the main branch."""
+    import copy
+
+    from conadv_ds.bn import convert_aux_bn
+
+    torch.manual_seed(0)
+    model = convert_aux_bn(make_model(), augmented=True).train()
+    x, aa, y = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    delta = 0.1 * torch.randn_like(x)
+    before = copy.deepcopy(model)
+    step = Objective(PixelSpace(parts=2), 1 / 3, model, aux_bn=True)(forward_of(model), (torch.cat([x, aa]),
+                                                                                          torch.cat([y, y])), delta)
+    main, aug, adv = _with_branch(before, "missing"), _with_branch(before, "aux_aa"), _with_branch(before, "aux")
+    parts = [F.cross_entropy(main(x), y), F.cross_entropy(aug(aa), y), F.cross_entropy(adv(x + delta), y)]
+    assert torch.allclose(step.loss, sum(parts) / 3, atol=1e-6)
+    assert torch.allclose(step.stats.clean_loss, (parts[0] + parts[1]) / 2, atol=1e-6)
+    # running statistics: main saw the clean images only, aux_aa the AutoAugment views, aux the adversarial copy
+    assert torch.allclose(model.bn1.running_mean, main.bn1.running_mean)
+    assert torch.allclose(model.bn1.aux_aa.running_mean, aug.bn1.running_mean)
+    assert torch.allclose(model.bn1.aux.running_mean, adv.bn1.running_mean)
+    model.eval()
+    main.eval()
+    assert torch.allclose(model(x), main(x), atol=1e-6)  # evaluation: the main branch

@@ -27,13 +27,21 @@ def fp32_weights(trainer):
 
 
 def run(out, stage, conadv, make, data=None, gas=1, max_steps=4, resume=None, save_steps=None, plain=False):
+    """One Trainer run; the accelerate state of the previous run (its DeepSpeed plugin) is dropped,
+    the gloo process group (created by the first ConAdvTrainingArguments) is kept."""
+    from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainingArguments
+
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     common = dict(per_device_train_batch_size=4, max_steps=max_steps, logging_steps=2, report_to=[], use_cpu=True,
                   seed=0, learning_rate=5e-3, max_grad_norm=0.0, gradient_accumulation_steps=gas,
                   save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                   deepspeed=ds_config(stage, None if plain else conadv, gas))
-    args = TrainingArguments(out, **common) if plain else ConAdvTrainingArguments(out, **common)
+    if plain:  # the plain Trainer on the gloo state the first ConAdvTrainingArguments created
+        args = TrainingArguments(out, accelerator_config={"use_configured_state": True}, **common)
+    else:
+        args = ConAdvTrainingArguments(out, **common)
     torch.manual_seed(0)
     cls = Trainer if plain else ConAdvTrainer
     trainer = cls(model=make(), args=args, train_dataset=data or text_data())

@@ -8,7 +8,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import conadv_ds  # noqa: E402
+from conadv_ds.bn import has_aux_bn  # noqa: E402
 from conadv_ds.objective import Objective  # noqa: E402
+from conadv_ds.perturb import PixelSpace  # noqa: E402
 from tests.common import digits_batches, ds_config, make_model  # noqa: E402
 
 
@@ -29,8 +31,11 @@ def main():
     data = iter([mb for step in digits_batches(steps + 1, gas) for mb in step])
     for _ in range(steps):
         engine.train_batch(data)
+    aa, *_ = conadv_ds.initialize(model=make_model(), config=ds_config(2, 1, {"aux_bn": True}),
+                                  perturb=PixelSpace(parts=2))
     with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump({"calls": calls[0], "steps": steps, "gas": gas}, f)
+        json.dump({"calls": calls[0], "steps": steps, "gas": gas, "aa_branch": has_aux_bn(aa.module, "aa"),
+                   "plain_adv_branch_only": has_aux_bn(engine.module, "aa")}, f)
 
 
 if __name__ == "__main__":
