@@ -27,24 +27,27 @@ class FlatLayout:
     """Process group over which the per-layer sums are reduced."""
 
 
-def single_layer(p: Tensor) -> FlatLayout:
-    """An ordinary parameter: one layer, all of it local."""
-    return FlatLayout(1, [(0, 0, p.numel())], None)
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: the accelerator's current device (NCCL
+    takes only CUDA tensors; on a CPU-only machine this is the CPU, and gloo takes it)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
-def layer_norms(layout: FlatLayout, tensors: list[Tensor]) -> Tensor:
-    """Per-layer L2 norms of each of `tensors` (flat views of one parameter tensor), exact across
-    ranks: shape (len(tensors), num_layers), one all-reduce."""
-    sq = torch.zeros(len(tensors), layout.num_layers, dtype=torch.float32, device=tensors[0].device)
-    for li, start, n in layout.segments:
-        for k, t in enumerate(tensors):
-            piece = t.narrow(0, start, n).float()
-            sq[k, li] += torch.dot(piece, piece)
-    if layout.group is not None:
-        from deepspeed import comm as dist
+def all_reduce_sum_(t: Tensor, group: Any) -> Tensor:
+    """Sum `t` in place over `group`, the collective on `collective_device()`. A tensor elsewhere
+    (the optimizer state of ZeRO-Offload is on the CPU) is copied there and back: one small copy
+    per call, the per-layer sums of one parameter group."""
+    from deepspeed import comm as dist
 
-        dist.all_reduce(sq, group=layout.group)
-    return sq.sqrt()
+    device = collective_device()
+    if t.device == device:
+        dist.all_reduce(t, group=group)
+        return t
+    on_device = t.to(device)
+    dist.all_reduce(on_device, group=group)
+    return t.copy_(on_device)
 
 
 def layouts_for(engine) -> dict[int, FlatLayout]:

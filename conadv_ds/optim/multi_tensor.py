@@ -1,0 +1,156 @@
+"""The multi-tensor machinery behind LARS and LAMB: per-layer norms of a whole parameter group
+with one `torch._foreach_norm` and at most one all-reduce, and cache-sized blocks for the
+`torch._foreach_*` updates.
+
+A `GroupPlan` cuts each tensor of a group (a model parameter, or a ZeRO flat partition) into
+*chunks*: the pieces of layers this rank owns, split further on the CPU so that every chunk
+fits a block of `block_elements`. Consecutive chunks form blocks; an update runs all its
+elementwise ops on one block before the next, so on the CPU each block's streams stay in the
+L2 cache instead of coming from memory once per op (timm's foreach path chunks by the L2 size
+on CUDA for the same reason). On an accelerator a group is one block of whole pieces, since
+there a launch per chunk costs more than the cache saves.
+
+Nothing here reads a tensor's value on the host: trust ratios stay on the device as 0-d
+tensors, one per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .zero_layout import FlatLayout, all_reduce_sum_
+
+CPU_L2_BYTES = 1 << 20
+"""Cache budget for one block's streams on the CPU (half a typical per-core L2)."""
+
+
+@dataclass
+class Unit:
+    """Consecutive chunks holding whole layers: the norms of a unit's layers need only its chunks.
+    A plan whose sums are reduced across ranks is one unit (one all-reduce per group); on the CPU
+    without ZeRO every unit is about one block, so that its norms and its update share the cache."""
+
+    start: int
+    stop: int
+    """[start, stop) range of the plan's chunks."""
+    blocks: tuple[int, int]
+    """[first, last) range of the plan's blocks."""
+    num_layers: int
+    """Layers whose norms the unit computes (every layer of the group for a reduced plan)."""
+    chunk_layer: Tensor
+    """Each chunk's layer among the unit's `num_layers` (int64, on the tensors' device)."""
+
+
+@dataclass
+class GroupPlan:
+    splits: list[tuple[list[int], list[int]]]
+    """Per tensor: sizes that cut its flat view into pieces, and which pieces are chunks."""
+    chunk_tensor: list[int]
+    """Index (into the group's tensor list) of each chunk's tensor."""
+    blocks: list[tuple[int, int]]
+    """[start, end) chunk ranges, each at most one cache block (or one chunk larger than it)."""
+    units: list[Unit]
+    process_group: Any
+    """Group over which the per-layer sums are reduced; None when every layer is local."""
+    device: torch.device
+
+    def chunks(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Views of `tensors` (the group's tensors, or tensors shaped like them: grads, state)
+        cut into this plan's chunks."""
+        out: list[Tensor] = []
+        for t, (sizes, keep) in zip(tensors, self.splits):
+            pieces = t.view(-1).split_with_sizes(sizes)
+            out.extend(pieces if len(keep) == len(pieces) else [pieces[k] for k in keep])
+        return out
+
+    def unit_blocks(self, unit: Unit) -> list[tuple[int, int]]:
+        return self.blocks[unit.blocks[0]:unit.blocks[1]]
+
+    def layer_norms(self, unit: Unit, norms: Sequence[Tensor], k: int) -> Tensor:
+        """`norms`: the norms of the unit's chunks of `k` chunk lists, list after list. Returns the
+        per-layer L2 norms, shape (k, unit.num_layers), exact across ranks: the squared sums are
+        reduced with one all-reduce."""
+        sums = torch.zeros(k, unit.num_layers, dtype=torch.float32, device=self.device)
+        if norms:
+            sums.index_add_(1, unit.chunk_layer, torch.stack(list(norms)).to(torch.float32).square_().view(k, -1))
+        if self.process_group is not None:
+            all_reduce_sum_(sums, self.process_group)
+        return sums.sqrt_()
+
+    @staticmethod
+    def per_chunk(unit: Unit, per_layer: Tensor) -> tuple[Tensor, ...]:
+        """A per-layer vector of the unit as one 0-d tensor per chunk (no host sync)."""
+        return per_layer.index_select(0, unit.chunk_layer).unbind(0)
+
+
+def block_elements(device: torch.device, streams: int, element_size: int = 4) -> Optional[int]:
+    """Elements per block so that `streams` tensors of a block fit the CPU's cache; None
+    (no blocking) off the CPU."""
+    if device.type != "cpu":
+        return None
+    return max(CPU_L2_BYTES // (streams * element_size), 1 << 12)
+
+
+def make_plan(numels: Sequence[int], layouts: Sequence[Optional[FlatLayout]], device: torch.device,
+              block: Optional[int]) -> GroupPlan:
+    """The plan for one group's tensors (`numels[i]` elements, `layouts[i]` from ZeRO or None for
+    a whole parameter that is one local layer)."""
+    groups = {id(lay.group): lay.group for lay in layouts if lay is not None and lay.group is not None}
+    sharded = [lay is not None and lay.group is not None for lay in layouts]
+    if len(groups) > 1 or (any(sharded) and not all(sharded)):
+        raise ValueError("a parameter group mixes tensors reduced over different process groups (or none); "
+                         "its per-layer norms cannot be reduced with one all-reduce")
+    splits, chunk_layer, chunk_tensor, chunk_sizes, offset = [], [], [], [], 0
+    for ti, (numel, layout) in enumerate(zip(numels, layouts)):
+        segments = [(0, 0, numel)] if layout is None else sorted(layout.segments, key=lambda s: s[1])
+        sizes, keep, cursor = [], [], 0
+        for li, start, n in segments:
+            if n <= 0:
+                continue
+            if start > cursor:
+                sizes.append(start - cursor)
+            step = n if block is None else block
+            for s in range(start, start + n, step):
+                keep.append(len(sizes))
+                sizes.append(min(step, start + n - s))
+                chunk_layer.append(offset + li)
+                chunk_tensor.append(ti)
+                chunk_sizes.append(sizes[-1])
+            cursor = start + n
+        if cursor < numel:
+            sizes.append(numel - cursor)
+        splits.append((sizes, keep))
+        offset += 1 if layout is None else layout.num_layers
+    blocks, begin, total = [], 0, 0
+    for ci, n in enumerate(chunk_sizes):
+        if block is not None and ci > begin and total + n > block:
+            blocks.append((begin, ci))
+            begin, total = ci, 0
+        total += n
+    if begin < len(chunk_sizes):
+        blocks.append((begin, len(chunk_sizes)))
+    process_group = next(iter(groups.values()), None)
+    if process_group is not None or block is None:
+        # One unit: under ZeRO every rank reduces the group's sums, even with no piece of it.
+        units = [Unit(0, len(chunk_sizes), (0, len(blocks)), offset, _index(chunk_layer, device))]
+        return GroupPlan(splits, chunk_tensor, blocks, units, process_group, device)
+    if not blocks:
+        return GroupPlan(splits, chunk_tensor, blocks, [], None, device)
+    # A unit may end after any block whose last chunk ends a layer.
+    cuts = [0] + [bi + 1 for bi, (_, e) in enumerate(blocks[:-1]) if chunk_layer[e - 1] != chunk_layer[e]]
+    cuts.append(len(blocks))
+    units = []
+    for b0, b1 in zip(cuts, cuts[1:]):
+        start, stop = blocks[b0][0], blocks[b1 - 1][1]
+        layers = chunk_layer[start:stop]
+        units.append(Unit(start, stop, (b0, b1), layers[-1] - layers[0] + 1,
+                          _index([li - layers[0] for li in layers], device)))
+    return GroupPlan(splits, chunk_tensor, blocks, units, None, device)
+
+
+def _index(values: list[int], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
