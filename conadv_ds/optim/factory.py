@@ -157,6 +157,7 @@ def prepare_ds_config(ds_config: dict, world_size: int) -> tuple[dict, Optional[
         opt_spec = ds.pop("optimizer")
         validate_block(_OPTIMIZERS[opt["type"].lower()], opt_spec.get("params", {}), "optimizer.params")
         ds["zero_allow_untested_optimizer"] = True
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # ours runs on the CPU under ZeRO-Offload too
     if sched is not None and sched["type"].lower() in _SCHEDULERS:
         sched_spec = ds.pop("scheduler")
         validate_block(_SCHEDULERS[sched["type"].lower()], sched_spec.get("params", {}), "scheduler.params")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .multi_tensor import GroupPlan, block_elements, make_plan
+from .multi_tensor import GroupPlan, Scratch, block_elements, make_plan
 from .zero_layout import FlatLayout
 
 
@@ -69,6 +69,13 @@ def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
                        torch.ones_like(numerator))
 
 
+def _step_tensors(steps: list[int], device: torch.device) -> list[Tensor]:
+    """Step counts as the fused kernels take them (float tensors on the parameters' device),
+    one tensor per distinct count; filled on the device, never copied from the host."""
+    made: dict[int, Tensor] = {}
+    return [made.setdefault(s, torch.full((), float(s), device=device)) for s in steps]
+
+
 class _Layerwise(torch.optim.Optimizer):
     """Shared plumbing: argument checks, per-tensor layouts (set by `bind_layouts` under ZeRO) and
     the cached multi-tensor plan of each group."""
@@ -82,6 +89,7 @@ class _Layerwise(torch.optim.Optimizer):
         super().__init__(params, {**defaults, "adapt": True})
         self.layouts: dict[int, FlatLayout] = {}
         self._plans: dict[tuple, GroupPlan] = {}
+        self._scratch = Scratch()
 
     @classmethod
     def check_arguments(cls, **args: Any) -> None:
@@ -114,7 +122,7 @@ class LARS(_Layerwise):
 
     ARGUMENTS = {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
                  "trust_coefficient": POSITIVE, "eps": NON_NEGATIVE}
-    STREAMS = 3
+    STREAMS = 4
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 0.0):
@@ -132,26 +140,29 @@ class LARS(_Layerwise):
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
             w, g = plan.chunks(params), plan.chunks([p.grad for p in params])
             v = plan.chunks([self._buffer(p) for p in params])
-            if not group["adapt"]:
+            # (Without momentum the kernel takes no buffers: v is then unused.)
+            sgd = dict(momentum=m, lr=1.0, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+            if not group["adapt"]:  # v ← m·v + lr·g + lr·wd·w, w ← w − v
                 for a, b in plan.blocks:
-                    torch._foreach_mul_(v[a:b], m)
-                    torch._foreach_add_(v[a:b], g[a:b], alpha=lr)
-                    if wd:
-                        torch._foreach_add_(v[a:b], w[a:b], alpha=lr * wd)
-                    torch._foreach_sub_(w[a:b], v[a:b])
+                    d = list(self._scratch.take(sum(plan.chunk_sizes[a:b]), params[0])
+                             .split_with_sizes(plan.chunk_sizes[a:b]))
+                    torch._foreach_copy_(d, g[a:b])
+                    torch._foreach_mul_(d, lr)
+                    torch._fused_sgd_(w[a:b], d, v[a:b] if m else [], weight_decay=lr * wd, **sgd)
                 continue
             for unit in plan.units:
                 u0, u1 = unit.start, unit.stop
                 wn, gn = plan.layer_norms(unit, torch._foreach_norm(w[u0:u1] + g[u0:u1]), 2)
                 scale = lr * _ratio(group["trust_coefficient"] * wn, gn + wd * wn + group["eps"])
-                s, s_wd = plan.per_chunk(unit, scale), plan.per_chunk(unit, scale * wd)
-                for a, b in plan.unit_blocks(unit):
-                    vb, wb = v[a:b], w[a:b]
-                    torch._foreach_mul_(vb, m)
-                    torch._foreach_addcmul_(vb, g[a:b], s[a - u0:b - u0])
-                    if wd:
-                        torch._foreach_addcmul_(vb, wb, s_wd[a - u0:b - u0])
-                    torch._foreach_sub_(wb, vb)
+                # The fused kernel divides the gradient by grad_scale: 1/scale gives v ← m·v + scale·(g + wd·w).
+                inverse = plan.per_chunk(unit, scale.reciprocal())
+                scratch = self._scratch.take(max(plan.chunk_sizes[u0:u1]), params[0])
+                # Chunk by chunk, d = g + wd·w staying in cache for the kernel; backwards, so that the
+                # chunks the norms read last are still in cache.
+                for c in reversed(range(u0, u1)):
+                    d = torch.add(g[c], w[c], alpha=wd, out=scratch[:plan.chunk_sizes[c]])
+                    torch._fused_sgd_([w[c]], [d], [v[c]] if m else [], weight_decay=0.0,
+                                      grad_scale=inverse[c - u0], **sgd)
         return loss
 
     def _buffer(self, p: Tensor) -> Tensor:
@@ -167,7 +178,7 @@ class LAMB(_Layerwise):
 
     ARGUMENTS = {"lr": POSITIVE, "betas": FRACTION_PAIR, "eps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
                  "min_trust": OPTIONAL_NON_NEGATIVE, "max_trust": OPTIONAL_POSITIVE}
-    STREAMS = 6
+    STREAMS = 5
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, min_trust: Optional[float] = None, max_trust: Optional[float] = None):
@@ -191,42 +202,36 @@ class LAMB(_Layerwise):
             plan = self._plan(params)
             (b1, b2), wd, eps, lr = group["betas"], group["weight_decay"], group["eps"], group["lr"]
             states = [self._state(p) for p in params]
-            # m̂/(√v̂+ε) = c·m/(√v + ε') with c = √bc2/bc1 and ε' = ε·√bc2, per tensor (host floats).
-            bc2 = [math.sqrt(1 - b2 ** st["step"]) for st in states]
-            c = [bc2[t] / (1 - b1 ** states[t]["step"]) for t in plan.chunk_tensor]
-            eps_ = [eps * bc2[t] for t in plan.chunk_tensor]
+            steps = _step_tensors([st["step"] for st in states], params[0].device)
+            steps = [steps[t] for t in plan.chunk_tensor]
             w, g = plan.chunks(params), plan.chunks([p.grad for p in params])
             m, v = plan.chunks([st["exp_avg"] for st in states]), plan.chunks([st["exp_avg_sq"] for st in states])
-            for unit in plan.units if group["adapt"] else [None]:
-                blocks = plan.blocks if unit is None else plan.unit_blocks(unit)
-                r, norms = [], []
-                for a, b in blocks:
-                    mb, vb, gb, wb = m[a:b], v[a:b], g[a:b], w[a:b]
-                    torch._foreach_lerp_(mb, gb, 1 - b1)
-                    torch._foreach_mul_(vb, b2)
-                    torch._foreach_addcmul_(vb, gb, gb, value=1 - b2)
-                    denom = torch._foreach_sqrt(vb)
-                    torch._foreach_add_(denom, eps_[a:b])
+            adam = dict(beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False)
+            if not group["adapt"]:  # w ← w − lr·(m̂/(√v̂+ε) + wd·w): AdamW's update
+                for a, b in plan.blocks:
+                    torch._fused_adamw_(w[a:b], g[a:b], m[a:b], v[a:b], [], steps[a:b], lr=lr, weight_decay=wd, **adam)
+                continue
+            for unit in plan.units:
+                r = list(self._scratch.take(sum(unit.chunk_sizes), params[0]).split_with_sizes(unit.chunk_sizes))
+                norms = []
+                for a, b in plan.unit_blocks(unit):
+                    rb = r[a - unit.start:b - unit.start]
+                    # r ← wd·w + m̂/(√v̂+ε): Adam's step with lr = −1 on r (the moments updated on the way).
                     if wd:
-                        rb = torch._foreach_mul(wb, wd)
-                        torch._foreach_addcdiv_(rb, mb, denom, c[a:b])
+                        torch._foreach_copy_(rb, w[a:b])
+                        torch._foreach_mul_(rb, wd)
                     else:
-                        rb = torch._foreach_div(mb, denom)
-                        torch._foreach_mul_(rb, c[a:b])
-                    if unit is None:
-                        torch._foreach_add_(wb, rb, alpha=-lr)
-                    else:
-                        norms.append(torch._foreach_norm([*wb, *rb]))  # while the block is in cache
-                        r.extend(rb)
-                if unit is None:
-                    continue
+                        torch._foreach_zero_(rb)
+                    torch._fused_adam_(rb, g[a:b], m[a:b], v[a:b], [], steps[a:b], lr=-1.0, weight_decay=0.0, **adam)
+                    norms.append(torch._foreach_norm([*w[a:b], *rb]))  # while the block is in cache
                 wn = [n for bn in norms for n in bn[:len(bn) // 2]]
                 rn = [n for bn in norms for n in bn[len(bn) // 2:]]
                 wn, rn = plan.layer_norms(unit, wn + rn, 2)
                 trust = _ratio(wn, rn)
                 if group["min_trust"] is not None or group["max_trust"] is not None:
                     trust = trust.clamp(group["min_trust"], group["max_trust"])
-                torch._foreach_addcmul_(w[unit.start:unit.stop], r, plan.per_chunk(unit, -lr * trust))
+                step = plan.per_chunk(unit, -lr * trust)  # backwards: the last r written are in cache
+                torch._foreach_addcmul_(w[unit.start:unit.stop][::-1], r[::-1], step[::-1])
         return loss
 
     def _state(self, p: Tensor) -> dict:

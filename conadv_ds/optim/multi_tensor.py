@@ -26,6 +26,9 @@ from .zero_layout import FlatLayout, all_reduce_sum_
 
 CPU_L2_BYTES = 1 << 20
 """Cache budget for one block's streams on the CPU (half a typical per-core L2)."""
+BLOCK_ELEMENTS: Optional[int] = None
+"""Fixed CPU block size in elements instead of one derived from `CPU_L2_BYTES` (the tests use
+small blocks to cut every layer into several chunks)."""
 
 
 @dataclass
@@ -43,14 +46,18 @@ class Unit:
     """Layers whose norms the unit computes (every layer of the group for a reduced plan)."""
     chunk_layer: Tensor
     """Each chunk's layer among the unit's `num_layers` (int64, on the tensors' device)."""
+    chunk_sizes: list[int]
+    """Elements of each of the unit's chunks."""
 
 
 @dataclass
 class GroupPlan:
-    splits: list[tuple[list[int], list[int]]]
-    """Per tensor: sizes that cut its flat view into pieces, and which pieces are chunks."""
+    splits: list[Optional[tuple[list[int], list[int]]]]
+    """Per tensor: sizes that cut its flat view into pieces and which pieces are chunks, or None
+    when the whole tensor is one chunk."""
     chunk_tensor: list[int]
     """Index (into the group's tensor list) of each chunk's tensor."""
+    chunk_sizes: list[int]
     blocks: list[tuple[int, int]]
     """[start, end) chunk ranges, each at most one cache block (or one chunk larger than it)."""
     units: list[Unit]
@@ -62,9 +69,12 @@ class GroupPlan:
         """Views of `tensors` (the group's tensors, or tensors shaped like them: grads, state)
         cut into this plan's chunks."""
         out: list[Tensor] = []
-        for t, (sizes, keep) in zip(tensors, self.splits):
-            pieces = t.view(-1).split_with_sizes(sizes)
-            out.extend(pieces if len(keep) == len(pieces) else [pieces[k] for k in keep])
+        for t, split in zip(tensors, self.splits):
+            if split is None:
+                out.append(t.view(-1))
+                continue
+            pieces = t.view(-1).split_with_sizes(split[0])
+            out.extend(pieces if len(split[1]) == len(pieces) else [pieces[k] for k in split[1]])
         return out
 
     def unit_blocks(self, unit: Unit) -> list[tuple[int, int]]:
@@ -92,6 +102,8 @@ def block_elements(device: torch.device, streams: int, element_size: int = 4) ->
     (no blocking) off the CPU."""
     if device.type != "cpu":
         return None
+    if BLOCK_ELEMENTS:
+        return BLOCK_ELEMENTS
     return max(CPU_L2_BYTES // (streams * element_size), 1 << 12)
 
 
@@ -123,7 +135,7 @@ def make_plan(numels: Sequence[int], layouts: Sequence[Optional[FlatLayout]], de
             cursor = start + n
         if cursor < numel:
             sizes.append(numel - cursor)
-        splits.append((sizes, keep))
+        splits.append(None if sizes == [numel] and keep == [0] else (sizes, keep))
         offset += 1 if layout is None else layout.num_layers
     blocks, begin, total = [], 0, 0
     for ci, n in enumerate(chunk_sizes):
@@ -136,10 +148,10 @@ def make_plan(numels: Sequence[int], layouts: Sequence[Optional[FlatLayout]], de
     process_group = next(iter(groups.values()), None)
     if process_group is not None or block is None:
         # One unit: under ZeRO every rank reduces the group's sums, even with no piece of it.
-        units = [Unit(0, len(chunk_sizes), (0, len(blocks)), offset, _index(chunk_layer, device))]
-        return GroupPlan(splits, chunk_tensor, blocks, units, process_group, device)
+        units = [Unit(0, len(chunk_sizes), (0, len(blocks)), offset, _index(chunk_layer, device), chunk_sizes)]
+        return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, units, process_group, device)
     if not blocks:
-        return GroupPlan(splits, chunk_tensor, blocks, [], None, device)
+        return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, [], None, device)
     # A unit may end after any block whose last chunk ends a layer.
     cuts = [0] + [bi + 1 for bi, (_, e) in enumerate(blocks[:-1]) if chunk_layer[e - 1] != chunk_layer[e]]
     cuts.append(len(blocks))
@@ -148,9 +160,24 @@ def make_plan(numels: Sequence[int], layouts: Sequence[Optional[FlatLayout]], de
         start, stop = blocks[b0][0], blocks[b1 - 1][1]
         layers = chunk_layer[start:stop]
         units.append(Unit(start, stop, (b0, b1), layers[-1] - layers[0] + 1,
-                          _index([li - layers[0] for li in layers], device)))
-    return GroupPlan(splits, chunk_tensor, blocks, units, None, device)
+                          _index([li - layers[0] for li in layers], device), chunk_sizes[start:stop]))
+    return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, units, None, device)
 
 
 def _index(values: list[int], device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+class Scratch:
+    """One reusable buffer for an optimizer's temporaries (not part of its state): allocating
+    them afresh every step costs page faults on the CPU."""
+
+    def __init__(self):
+        self._buffer: Optional[Tensor] = None
+
+    def take(self, numel: int, like: Tensor) -> Tensor:
+        """A flat view of `numel` elements of the buffer, on `like`'s device and dtype."""
+        b = self._buffer
+        if b is None or b.numel() < numel or b.device != like.device or b.dtype != like.dtype:
+            b = self._buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return b[:numel]
