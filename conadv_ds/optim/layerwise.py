@@ -64,9 +64,7 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_1d: bool = True)
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator per layer, 1 where either is 0."""
-    ok = (numerator > 0) & (denominator > 0)
-    return torch.where(ok, numerator / torch.where(ok, denominator, torch.ones_like(denominator)),
-                       torch.ones_like(numerator))
+    return torch.where((numerator > 0) & (denominator > 0), numerator / denominator, 1.0)
 
 
 def _step_tensors(steps: list[int], device: torch.device) -> list[Tensor]:
@@ -118,7 +116,8 @@ class _Layerwise(torch.optim.Optimizer):
 
 class LARS(_Layerwise):
     """You et al. 2017 in the MLPerf-TF form of the official ConAdv code:
-    tr = η‖w‖/(‖g‖ + wd‖w‖ + eps), v ← m·v + lr·tr·(g + wd·w), w ← w − v."""
+    tr = η‖w‖/(‖g‖ + wd‖w‖ + eps) (1 where ‖w‖ or ‖g‖ is 0, as in timm),
+    v ← m·v + lr·tr·(g + wd·w), w ← w − v. Without momentum the buffer is unused."""
 
     ARGUMENTS = {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
                  "trust_coefficient": POSITIVE, "eps": NON_NEGATIVE}
@@ -138,31 +137,34 @@ class LARS(_Layerwise):
                 continue
             plan = self._plan(params)
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            w, g = plan.chunks(params), plan.chunks([p.grad for p in params])
-            v = plan.chunks([self._buffer(p) for p in params])
-            # (Without momentum the kernel takes no buffers: v is then unused.)
-            sgd = dict(momentum=m, lr=1.0, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+            w, g = plan.chunks(params, "w"), plan.chunks([p.grad for p in params])
+            v = plan.chunks([self._buffer(p) for p in params], "v")
+            fused = torch._fused_sgd_
             if not group["adapt"]:  # v ← m·v + lr·g + lr·wd·w, w ← w − v
                 for a, b in plan.blocks:
                     d = list(self._scratch.take(sum(plan.chunk_sizes[a:b]), params[0])
                              .split_with_sizes(plan.chunk_sizes[a:b]))
                     torch._foreach_copy_(d, g[a:b])
                     torch._foreach_mul_(d, lr)
-                    torch._fused_sgd_(w[a:b], d, v[a:b] if m else [], weight_decay=lr * wd, **sgd)
+                    fused(w[a:b], d, v[a:b] if m else [], weight_decay=lr * wd, momentum=m, lr=1.0, dampening=0.0,
+                          nesterov=False, maximize=False, is_first_step=False)
                 continue
+            tc, eps, no_step = group["trust_coefficient"], group["eps"], 1 / lr if lr else math.inf
+            sizes = plan.chunk_sizes
+            scratch = self._scratch.take(max(sizes, default=0), params[0])
             for unit in plan.units:
                 u0, u1 = unit.start, unit.stop
                 wn, gn = plan.layer_norms(unit, torch._foreach_norm(w[u0:u1] + g[u0:u1]), 2)
-                scale = lr * _ratio(group["trust_coefficient"] * wn, gn + wd * wn + group["eps"])
-                # The fused kernel divides the gradient by grad_scale: 1/scale gives v ← m·v + scale·(g + wd·w).
-                inverse = plan.per_chunk(unit, scale.reciprocal())
-                scratch = self._scratch.take(max(plan.chunk_sizes[u0:u1]), params[0])
+                # The kernel divides the gradient by grad_scale: 1/(lr·tr) gives v ← m·v + lr·tr·(g + wd·w).
+                denominator = torch.add(gn, wn, alpha=wd).add_(eps) if eps else torch.add(gn, wn, alpha=wd)
+                inverse = torch.where((wn > 0) & (gn > 0), denominator / (wn * (lr * tc)), no_step)
+                inverse = plan.per_chunk(unit, inverse)
                 # Chunk by chunk, d = g + wd·w staying in cache for the kernel; backwards, so that the
                 # chunks the norms read last are still in cache.
                 for c in reversed(range(u0, u1)):
-                    d = torch.add(g[c], w[c], alpha=wd, out=scratch[:plan.chunk_sizes[c]])
-                    torch._fused_sgd_([w[c]], [d], [v[c]] if m else [], weight_decay=0.0,
-                                      grad_scale=inverse[c - u0], **sgd)
+                    d = torch.add(g[c], w[c], alpha=wd, out=scratch[:sizes[c]])
+                    fused([w[c]], [d], [v[c]] if m else [], weight_decay=0.0, momentum=m, lr=1.0, dampening=0.0,
+                          nesterov=False, maximize=False, is_first_step=False, grad_scale=inverse[c - u0])
         return loss
 
     def _buffer(self, p: Tensor) -> Tensor:
@@ -204,8 +206,9 @@ class LAMB(_Layerwise):
             states = [self._state(p) for p in params]
             steps = _step_tensors([st["step"] for st in states], params[0].device)
             steps = [steps[t] for t in plan.chunk_tensor]
-            w, g = plan.chunks(params), plan.chunks([p.grad for p in params])
-            m, v = plan.chunks([st["exp_avg"] for st in states]), plan.chunks([st["exp_avg_sq"] for st in states])
+            w, g = plan.chunks(params, "w"), plan.chunks([p.grad for p in params])
+            m = plan.chunks([st["exp_avg"] for st in states], "m")
+            v = plan.chunks([st["exp_avg_sq"] for st in states], "v")
             adam = dict(beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False)
             if not group["adapt"]:  # w ← w − lr·(m̂/(√v̂+ε) + wd·w): AdamW's update
                 for a, b in plan.blocks:

@@ -1,22 +1,23 @@
-"""The multi-tensor machinery behind LARS and LAMB: per-layer norms of a whole parameter group
-with one `torch._foreach_norm` and at most one all-reduce, and cache-sized blocks for the
-`torch._foreach_*` updates.
+"""The multi-tensor machinery behind LARS and LAMB: per-layer norms of a parameter group with
+`torch._foreach_norm` and at most one all-reduce, and cache-sized pieces for the updates.
 
 A `GroupPlan` cuts each tensor of a group (a model parameter, or a ZeRO flat partition) into
-*chunks*: the pieces of layers this rank owns, split further on the CPU so that every chunk
-fits a block of `block_elements`. Consecutive chunks form blocks; an update runs all its
-elementwise ops on one block before the next, so on the CPU each block's streams stay in the
-L2 cache instead of coming from memory once per op (timm's foreach path chunks by the L2 size
-on CUDA for the same reason). On an accelerator a group is one block of whole pieces, since
-there a launch per chunk costs more than the cache saves.
+*chunks*: the pieces of layers this rank owns, split further on the CPU into chunks of at most
+one *block* (sized so that a block's streams fit the L2 cache). Consecutive chunks form blocks
+(small layers share one), and consecutive blocks holding whole layers form *units*: a unit's
+norms need only its own chunks. Under ZeRO the group is one unit, since its sums are reduced
+across ranks with one all-reduce; without ZeRO on the CPU a unit is about `UNIT_BLOCKS` blocks,
+so that an update re-reads what its norms have just read from cache rather than from memory.
+On an accelerator a group is one unit of one block of whole pieces: there a launch per chunk
+would cost more than the cache saves.
 
-Nothing here reads a tensor's value on the host: trust ratios stay on the device as 0-d
-tensors, one per chunk.
+Nothing here reads a tensor's value on the host: per-layer factors stay on the device, as one
+0-d tensor per chunk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -29,14 +30,12 @@ CPU_L2_BYTES = 1 << 20
 BLOCK_ELEMENTS: Optional[int] = None
 """Fixed CPU block size in elements instead of one derived from `CPU_L2_BYTES` (the tests use
 small blocks to cut every layer into several chunks)."""
+UNIT_BLOCKS = 16
+"""Blocks per unit without ZeRO on the CPU (a layer larger than that is a unit of its own)."""
 
 
 @dataclass
 class Unit:
-    """Consecutive chunks holding whole layers: the norms of a unit's layers need only its chunks.
-    A plan whose sums are reduced across ranks is one unit (one all-reduce per group); on the CPU
-    without ZeRO every unit is about one block, so that its norms and its update share the cache."""
-
     start: int
     stop: int
     """[start, stop) range of the plan's chunks."""
@@ -48,6 +47,8 @@ class Unit:
     """Each chunk's layer among the unit's `num_layers` (int64, on the tensors' device)."""
     chunk_sizes: list[int]
     """Elements of each of the unit's chunks."""
+    whole_layers: bool
+    """Each chunk is one whole layer, in order: the chunk norms are the layer norms."""
 
 
 @dataclass
@@ -59,15 +60,23 @@ class GroupPlan:
     """Index (into the group's tensor list) of each chunk's tensor."""
     chunk_sizes: list[int]
     blocks: list[tuple[int, int]]
-    """[start, end) chunk ranges, each at most one cache block (or one chunk larger than it)."""
+    """[start, end) chunk ranges, each at most one block (or one chunk larger than it)."""
     units: list[Unit]
     process_group: Any
     """Group over which the per-layer sums are reduced; None when every layer is local."""
     device: torch.device
+    _views: dict = field(default_factory=dict)
 
-    def chunks(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def chunks(self, tensors: Sequence[Tensor], name: Optional[str] = None) -> list[Tensor]:
         """Views of `tensors` (the group's tensors, or tensors shaped like them: grads, state)
-        cut into this plan's chunks."""
+        cut into this plan's chunks. With a `name`, the views are kept for the next call with
+        the same name while the tensors keep their storage (parameters and optimizer state; not
+        gradients, whose old storage the views would keep alive)."""
+        if name is not None:
+            key = tuple(t.data_ptr() for t in tensors)
+            cached = self._views.get(name)
+            if cached is not None and cached[0] == key:
+                return cached[1]
         out: list[Tensor] = []
         for t, split in zip(tensors, self.splits):
             if split is None:
@@ -75,6 +84,8 @@ class GroupPlan:
                 continue
             pieces = t.view(-1).split_with_sizes(split[0])
             out.extend(pieces if len(split[1]) == len(pieces) else [pieces[k] for k in split[1]])
+        if name is not None:
+            self._views[name] = (key, out)
         return out
 
     def unit_blocks(self, unit: Unit) -> list[tuple[int, int]]:
@@ -84,9 +95,11 @@ class GroupPlan:
         """`norms`: the norms of the unit's chunks of `k` chunk lists, list after list. Returns the
         per-layer L2 norms, shape (k, unit.num_layers), exact across ranks: the squared sums are
         reduced with one all-reduce."""
+        if unit.whole_layers and norms:
+            return torch.stack(list(norms)).view(k, unit.num_layers).float()
         sums = torch.zeros(k, unit.num_layers, dtype=torch.float32, device=self.device)
         if norms:
-            sums.index_add_(1, unit.chunk_layer, torch.stack(list(norms)).to(torch.float32).square_().view(k, -1))
+            sums.index_add_(1, unit.chunk_layer, torch.stack(list(norms)).float().square_().view(k, -1))
         if self.process_group is not None:
             all_reduce_sum_(sums, self.process_group)
         return sums.sqrt_()
@@ -94,7 +107,7 @@ class GroupPlan:
     @staticmethod
     def per_chunk(unit: Unit, per_layer: Tensor) -> tuple[Tensor, ...]:
         """A per-layer vector of the unit as one 0-d tensor per chunk (no host sync)."""
-        return per_layer.index_select(0, unit.chunk_layer).unbind(0)
+        return (per_layer if unit.whole_layers else per_layer.index_select(0, unit.chunk_layer)).unbind(0)
 
 
 def block_elements(device: torch.device, streams: int, element_size: int = 4) -> Optional[int]:
@@ -137,31 +150,37 @@ def make_plan(numels: Sequence[int], layouts: Sequence[Optional[FlatLayout]], de
             sizes.append(numel - cursor)
         splits.append(None if sizes == [numel] and keep == [0] else (sizes, keep))
         offset += 1 if layout is None else layout.num_layers
-    blocks, begin, total = [], 0, 0
-    for ci, n in enumerate(chunk_sizes):
-        if block is not None and ci > begin and total + n > block:
-            blocks.append((begin, ci))
-            begin, total = ci, 0
-        total += n
-    if begin < len(chunk_sizes):
-        blocks.append((begin, len(chunk_sizes)))
+    blocks = _consecutive(chunk_sizes, block)
     process_group = next(iter(groups.values()), None)
     if process_group is not None or block is None:
         # One unit: under ZeRO every rank reduces the group's sums, even with no piece of it.
-        units = [Unit(0, len(chunk_sizes), (0, len(blocks)), offset, _index(chunk_layer, device), chunk_sizes)]
+        units = [Unit(0, len(chunk_sizes), (0, len(blocks)), offset, _index(chunk_layer, device), chunk_sizes,
+                      process_group is None and chunk_layer == list(range(offset)))]
         return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, units, process_group, device)
-    if not blocks:
-        return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, [], None, device)
-    # A unit may end after any block whose last chunk ends a layer.
-    cuts = [0] + [bi + 1 for bi, (_, e) in enumerate(blocks[:-1]) if chunk_layer[e - 1] != chunk_layer[e]]
-    cuts.append(len(blocks))
-    units = []
-    for b0, b1 in zip(cuts, cuts[1:]):
-        start, stop = blocks[b0][0], blocks[b1 - 1][1]
-        layers = chunk_layer[start:stop]
-        units.append(Unit(start, stop, (b0, b1), layers[-1] - layers[0] + 1,
-                          _index([li - layers[0] for li in layers], device), chunk_sizes[start:stop]))
+    # Units: runs of at most UNIT_BLOCKS blocks, cut only where a layer ends.
+    units, b0 = [], 0
+    for bi in range(len(blocks)):
+        end = blocks[bi][1]
+        if end == len(chunk_sizes) or (bi + 1 - b0 >= UNIT_BLOCKS and chunk_layer[end - 1] != chunk_layer[end]):
+            start, layers = blocks[b0][0], chunk_layer[blocks[b0][0]:end]
+            local = [li - layers[0] for li in layers]
+            units.append(Unit(start, end, (b0, bi + 1), local[-1] + 1, _index(local, device), chunk_sizes[start:end],
+                              local == list(range(len(local)))))
+            b0 = bi + 1
     return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, units, None, device)
+
+
+def _consecutive(sizes: list[int], block: Optional[int]) -> list[tuple[int, int]]:
+    """[start, end) runs of `sizes` adding up to at most `block` (a larger item alone)."""
+    runs, begin, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if block is not None and i > begin and total + n > block:
+            runs.append((begin, i))
+            begin, total = i, 0
+        total += n
+    if begin < len(sizes):
+        runs.append((begin, len(sizes)))
+    return runs
 
 
 def _index(values: list[int], device: torch.device) -> Tensor:
