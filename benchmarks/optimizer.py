@@ -20,13 +20,8 @@ Last line, per optimizer: `ours/timm=<ratio> zero2_2ranks/1rank=<ratio>`, e.g.
 """
 
 import argparse
-import os
-import sys
 
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_here, os.path.dirname(_here)]
-
-from harness import alternate, ensure_ranks, rank0, say  # noqa: E402
+from harness import alternate, ensure_ranks, rank0, say
 
 HYPER = {"LARS": {"lr": 1.0, "momentum": 0.9, "weight_decay": 5e-5, "trust_coefficient": 0.001, "eps": 0.0},
          "LAMB": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01}}

@@ -7,7 +7,6 @@ the optimizers' own argument rules (`LARS.ARGUMENTS`, `LAMB.check_arguments`): a
 one place, and a JSON error names the config field (`optimizer.params.lr=-1: must be > 0`).
 """
 
-
 from __future__ import annotations
 
 import copy
@@ -180,7 +179,8 @@ def build_optimizer(spec: dict, model: torch.nn.Module) -> torch.optim.Optimizer
     params_model = _OPTIMIZERS[spec["type"].lower()]
     params = validate_block(params_model, spec.get("params", {}), "optimizer.params")
     args = params.arguments()
-    return params_model.optimizer(param_groups(model, args["weight_decay"], params.exclude_from_adaptation == "ndim<=1"), **args)
+    groups = param_groups(model, args["weight_decay"], params.exclude_from_adaptation == "ndim<=1")
+    return params_model.optimizer(groups, **args)
 
 
 def build_scheduler(spec: dict, optimizer: torch.optim.Optimizer) -> WarmupPolyDecay:

@@ -109,8 +109,9 @@ class _Layerwise(torch.optim.Optimizer):
         key = (params[0].device, tuple(p.numel() for p in params), tuple(map(id, layouts)))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = make_plan([p.numel() for p in params], layouts, params[0].device,
-                                                block_elements(params[0].device, self.STREAMS, params[0].element_size()))
+            device = params[0].device
+            block = block_elements(device, self.STREAMS, params[0].element_size())
+            plan = self._plans[key] = make_plan([p.numel() for p in params], layouts, device, block)
         return plan
 
 
