@@ -13,7 +13,9 @@ machine noise hits all alike; the first rounds are warm-up and not timed):
 - ZeRO-2 on 2 ranks (each rank updates half, norms reduced across ranks) against ours on one
   rank updating everything: the partition update timed inside the engine step.
 
-Last line, per optimizer: `ours/timm=<ratio> zero2_2ranks/1rank=<ratio>`, e.g.
+Ratios are medians over rounds of the ratio within a round (ours and timm's steps of one round
+run back to back, so slow drifts of a shared machine cancel). Last line, per optimizer:
+`ours/timm=<ratio> zero2_2ranks/1rank=<ratio>`, e.g.
 `LARS: ours/timm=0.6 zero2_2ranks/1rank=0.7 | LAMB: ours/timm=0.5 zero2_2ranks/1rank=0.6`.
 
     python benchmarks/optimizer.py [--rounds 8] [--optimizer LARS|LAMB|both]
@@ -41,6 +43,7 @@ def timm_optimizer(name: str, groups: list, foreach):
 
 def measure(name: str, rounds: int) -> tuple[float, float]:
     """(ours/timm on one rank, ZeRO-2 partition update on 2 ranks / ours on one rank)."""
+    import statistics
     import time
 
     import torch
@@ -94,26 +97,41 @@ def measure(name: str, rounds: int) -> tuple[float, float]:
         engine.step()
         grads_ready[0] = False
 
-    def on_rank0(key):
-        return lambda: steps[key]() if key in steps else None
+    times = {k: [] for k in ("ours", "timm", "timm_foreach")}
 
-    timed = alternate({"zero2": zero2_step, **{k: on_rank0(k) for k in ("ours", "timm", "timm_foreach")}},
-                      rounds=rounds)
-    z2_update = sorted(inner_times[2:])[len(inner_times[2:]) // 2]
+    def on_rank0(key):  # rank 1 only meets rank 0 at the barriers between steps
+        def step():
+            if key in steps:
+                t0 = time.perf_counter()
+                steps[key]()
+                times[key].append(time.perf_counter() - t0)
+        return step
+
+    warmup = 2
+    alternate({"zero2": zero2_step, **{k: on_rank0(k) for k in times}}, rounds=rounds, warmup=warmup)
     if not rank0():
         return 0.0, 0.0
-    ref_key = min(("timm", "timm_foreach"), key=lambda k: timed[k])
+    times = {k: v[warmup:] for k, v in times.items()}
+    times["zero2"] = inner_times[warmup:]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = min(("timm", "timm_foreach"), key=med.get)
+
+    def paired(a, b):  # median over rounds of a/b within the round: slow drifts of the machine cancel
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     with torch.no_grad():
         diff = max(((a - b).norm() / b.norm()).item() for a, b in
-                   zip(models["ours"].parameters(), models[ref_key].parameters()))
+                   zip(models["ours"].parameters(), models[ref].parameters()))
     n = sum(p.numel() for p in models["ours"].parameters())
-    say(f"{name}, {n / 1e6:.1f}M parameters, 1 thread, median of {rounds} rounds after 2 warm-up:")
-    say(f"  1 rank, ours:                      {timed['ours'] * 1e3:7.1f} ms")
-    say(f"  1 rank, timm (default, foreach=None): {timed['timm'] * 1e3:7.1f} ms")
-    say(f"  1 rank, timm (foreach=True):        {timed['timm_foreach'] * 1e3:7.1f} ms")
-    say(f"  ZeRO-2, 2 ranks, partition update: {z2_update * 1e3:7.1f} ms")
-    say(f"  parameters ours vs timm after {rounds + 2} steps: max relative difference {diff:.1e}")
-    return timed["ours"] / timed[ref_key], z2_update / timed["ours"]
+    say(f"{name}, {n / 1e6:.1f}M parameters, 1 thread, median of {rounds} rounds after {warmup} warm-up:")
+    say(f"  1 rank, ours:                         {med['ours'] * 1e3:7.1f} ms")
+    say(f"  1 rank, timm (default, foreach=None): {med['timm'] * 1e3:7.1f} ms")
+    say(f"  1 rank, timm (foreach=True):          {med['timm_foreach'] * 1e3:7.1f} ms")
+    say(f"  ZeRO-2, 2 ranks, partition update:    {med['zero2'] * 1e3:7.1f} ms")
+    say(f"  parameters ours vs timm after {rounds + warmup} steps: max relative difference {diff:.1e}")
+    say(f"  ratios of the medians: ours/timm {med['ours'] / med[ref]:.3f}, zero2/1rank {med['zero2'] / med['ours']:.3f}"
+        f"; per round (median): ours/timm {paired('ours', ref):.3f}, zero2/1rank {paired('zero2', 'ours'):.3f}")
+    return paired("ours", ref), paired("zero2", "ours")
 
 
 def main() -> None:

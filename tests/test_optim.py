@@ -125,6 +125,26 @@ def test_without_zero_matches_reference(name, block, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_rank_owning_no_piece_still_reduces_once(name, monkeypatch):
+    """Under ZeRO a rank's partition of a small group may be all padding: it still takes part in
+    the group's one all-reduce (with zeros), or the other ranks would wait for it forever."""
+    from conadv_ds import optim
+    from conadv_ds.optim import multi_tensor
+    from conadv_ds.optim.zero_layout import FlatLayout
+
+    reduced = []
+    monkeypatch.setattr(multi_tensor, "all_reduce_sum_", lambda t, group: reduced.append(t.clone()) or t)
+    flat = nn.Parameter(torch.zeros(6))
+    flat.grad = torch.ones(6)
+    opt = getattr(optim, name)([{"params": [flat], "weight_decay": 0.0, "adapt": True}],
+                               **OPTIMIZERS[name]["params"])
+    opt.bind_layouts({id(flat): FlatLayout(num_layers=3, segments=[], group="dp")})
+    opt.step()
+    assert [t.shape for t in reduced] == [(2, 3)] and not reduced[0].any()
+    assert not flat.detach().any()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_resume_from_state_dict_is_exact(name):
     from conadv_ds.optim import build_optimizer
 

@@ -6,20 +6,22 @@ reduced over the data-parallel group, one all-reduce per parameter group, and ev
 applies the same ratio. Parameter groups with `adapt=False` (by default the 1-D ones: biases,
 norm weights) get neither weight decay nor a trust ratio, as in timm's `param_groups_weight_decay`.
 
-The step is multi-tensor (`torch._foreach_*`, see `multi_tensor`) and reads nothing back to the
-host. Each optimizer checks its own arguments (`ARGUMENTS`, `check_arguments`): the config
-factory validates the JSON against the same rules.
+The step is multi-tensor (see `multi_tensor`) and reads nothing back to the host: LARS is four
+`torch._foreach_*` ops per cache block; LAMB computes the moments and r = m̂/(√v̂+ε) + wd·w in one
+pass with torch's fused Adam kernel (`torch._fused_adam_`, the kernel behind
+`Adam(fused=True)`, run with lr = −1 on a buffer holding wd·w), then `torch._foreach_*` ops.
+Each optimizer checks its own arguments (`ARGUMENTS`, `check_arguments`): the config factory
+validates the JSON against the same rules.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .multi_tensor import GroupPlan, Scratch, block_elements, make_plan
+from .multi_tensor import GroupPlan, Scratch, block_elements, foreach_norms, make_plan
 from .zero_layout import FlatLayout
 
 
@@ -87,7 +89,6 @@ class _Layerwise(torch.optim.Optimizer):
         super().__init__(params, {**defaults, "adapt": True})
         self.layouts: dict[int, FlatLayout] = {}
         self._plans: dict[tuple, GroupPlan] = {}
-        self._scratch = Scratch()
 
     @classmethod
     def check_arguments(cls, **args: Any) -> None:
@@ -118,11 +119,11 @@ class _Layerwise(torch.optim.Optimizer):
 class LARS(_Layerwise):
     """You et al. 2017 in the MLPerf-TF form of the official ConAdv code:
     tr = η‖w‖/(‖g‖ + wd‖w‖ + eps) (1 where ‖w‖ or ‖g‖ is 0, as in timm),
-    v ← m·v + lr·tr·(g + wd·w), w ← w − v. Without momentum the buffer is unused."""
+    v ← m·v + lr·tr·(g + wd·w), w ← w − v."""
 
     ARGUMENTS = {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
                  "trust_coefficient": POSITIVE, "eps": NON_NEGATIVE}
-    STREAMS = 4
+    STREAMS = 3
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 0.0):
@@ -140,32 +141,30 @@ class LARS(_Layerwise):
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
             w, g = plan.chunks(params, "w"), plan.chunks([p.grad for p in params])
             v = plan.chunks([self._buffer(p) for p in params], "v")
-            fused = torch._fused_sgd_
-            if not group["adapt"]:  # v ← m·v + lr·g + lr·wd·w, w ← w − v
+            if not group["adapt"]:  # v ← m·v + lr·(g + wd·w), w ← w − v
                 for a, b in plan.blocks:
-                    d = list(self._scratch.take(sum(plan.chunk_sizes[a:b]), params[0])
-                             .split_with_sizes(plan.chunk_sizes[a:b]))
-                    torch._foreach_copy_(d, g[a:b])
-                    torch._foreach_mul_(d, lr)
-                    fused(w[a:b], d, v[a:b] if m else [], weight_decay=lr * wd, momentum=m, lr=1.0, dampening=0.0,
-                          nesterov=False, maximize=False, is_first_step=False)
+                    torch._foreach_mul_(v[a:b], m)
+                    torch._foreach_add_(v[a:b], g[a:b], alpha=lr)
+                    if wd:
+                        torch._foreach_add_(v[a:b], w[a:b], alpha=lr * wd)
+                    torch._foreach_sub_(w[a:b], v[a:b])
                 continue
-            tc, eps, no_step = group["trust_coefficient"], group["eps"], 1 / lr if lr else math.inf
-            sizes = plan.chunk_sizes
-            scratch = self._scratch.take(max(sizes, default=0), params[0])
+            tc, eps = group["trust_coefficient"], group["eps"]
             for unit in plan.units:
                 u0, u1 = unit.start, unit.stop
-                wn, gn = plan.layer_norms(unit, torch._foreach_norm(w[u0:u1] + g[u0:u1]), 2)
-                # The kernel divides the gradient by grad_scale: 1/(lr·tr) gives v ← m·v + lr·tr·(g + wd·w).
+                wn, gn = plan.layer_norms(unit, foreach_norms(w[u0:u1] + g[u0:u1]), 2)
                 denominator = torch.add(gn, wn, alpha=wd).add_(eps) if eps else torch.add(gn, wn, alpha=wd)
-                inverse = torch.where((wn > 0) & (gn > 0), denominator / (wn * (lr * tc)), no_step)
-                inverse = plan.per_chunk(unit, inverse)
-                # Chunk by chunk, d = g + wd·w staying in cache for the kernel; backwards, so that the
-                # chunks the norms read last are still in cache.
-                for c in reversed(range(u0, u1)):
-                    d = torch.add(g[c], w[c], alpha=wd, out=scratch[:sizes[c]])
-                    fused([w[c]], [d], [v[c]] if m else [], weight_decay=0.0, momentum=m, lr=1.0, dampening=0.0,
-                          nesterov=False, maximize=False, is_first_step=False, grad_scale=inverse[c - u0])
+                scale = torch.where((wn > 0) & (gn > 0), wn * (lr * tc) / denominator, lr)  # lr·tr per layer
+                s, s_wd = plan.per_chunk(unit, scale), plan.per_chunk(unit, scale * wd) if wd else None
+                # Block by block, the four ops on cache-resident data; backwards, so that the first
+                # blocks updated are the last ones the norms read.
+                for a, b in reversed(plan.unit_blocks(unit)):
+                    vb, wb = v[a:b], w[a:b]
+                    torch._foreach_mul_(vb, m)
+                    torch._foreach_addcmul_(vb, g[a:b], s[a - u0:b - u0])
+                    if wd:
+                        torch._foreach_addcmul_(vb, wb, s_wd[a - u0:b - u0])
+                    torch._foreach_sub_(wb, vb)
         return loss
 
     def _buffer(self, p: Tensor) -> Tensor:
@@ -187,6 +186,7 @@ class LAMB(_Layerwise):
                  weight_decay: float = 0.01, min_trust: Optional[float] = None, max_trust: Optional[float] = None):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       min_trust=min_trust, max_trust=max_trust))
+        self._scratch = Scratch()  # r of one unit: under ZeRO, of the rank's whole partition
 
     @classmethod
     def check_arguments(cls, **args: Any) -> None:
@@ -234,8 +234,9 @@ class LAMB(_Layerwise):
                 trust = _ratio(wn, rn)
                 if group["min_trust"] is not None or group["max_trust"] is not None:
                     trust = trust.clamp(group["min_trust"], group["max_trust"])
-                step = plan.per_chunk(unit, -lr * trust)  # backwards: the last r written are in cache
-                torch._foreach_addcmul_(w[unit.start:unit.stop][::-1], r[::-1], step[::-1])
+                if r:  # backwards: the last r written are in cache
+                    step = plan.per_chunk(unit, -lr * trust)
+                    torch._foreach_addcmul_(w[unit.start:unit.stop][::-1], r[::-1], step[::-1])
         return loss
 
     def _state(self, p: Tensor) -> dict:

@@ -110,6 +110,11 @@ class GroupPlan:
         return (per_layer if unit.whole_layers else per_layer.index_select(0, unit.chunk_layer)).unbind(0)
 
 
+def foreach_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """`torch._foreach_norm`, which refuses an empty list (a ZeRO rank may own no piece of a group)."""
+    return list(torch._foreach_norm(tensors)) if tensors else []
+
+
 def block_elements(device: torch.device, streams: int, element_size: int = 4) -> Optional[int]:
     """Elements per block so that `streams` tensors of a block fit the CPU's cache; None
     (no blocking) off the CPU."""
