@@ -108,13 +108,17 @@ def test_one_all_reduce_per_group_on_the_parameters_device(runs, case):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-@pytest.mark.parametrize("block", [None, 700])
+@pytest.mark.parametrize("block", [None, 700, "accelerator"])
 def test_without_zero_matches_reference(name, block, monkeypatch):
-    """One process, the model's own parameters; `block` 700 cuts the 64×64 layer into chunks and
-    packs the small layer with the end of it (several blocks and units per group)."""
-    from conadv_ds.optim import build_optimizer, multi_tensor
+    """One process, the model's own parameters: default CPU blocks; blocks of 700 elements, which
+    cut the 64×64 layer into chunks and pack the small layer with the end of it (several blocks and
+    units per group); and the accelerator's plan (no blocks: one unit of whole layers)."""
+    from conadv_ds.optim import build_optimizer, layerwise, multi_tensor
 
-    monkeypatch.setattr(multi_tensor, "BLOCK_ELEMENTS", block)
+    if block == "accelerator":
+        monkeypatch.setattr(layerwise, "block_elements", lambda *args: None)
+    else:
+        monkeypatch.setattr(multi_tensor, "BLOCK_ELEMENTS", block)
     model = make_mlp()
     opt = build_optimizer(OPTIMIZERS[name], model)
     for x, y in mlp_batches():
