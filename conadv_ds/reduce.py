@@ -1,5 +1,5 @@
-"""The package's one reduction across ranks, for statistics: tensors handed to the collective
-live on the accelerator device (NCCL takes no CPU tensors), summed in place."""
+"""The package's one reduction across ranks (statistics, LARS/LAMB per-layer norms): tensors
+handed to the collective live on the accelerator device (NCCL takes no CPU tensors)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def all_reduce_sum(t: Tensor, group=None) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t
+
+
+def all_reduce_sum_(t: Tensor, group=None) -> Tensor:
+    """`t` summed over `group` in place. A tensor elsewhere than the collective device (ZeRO-Offload
+    keeps optimizer state on the CPU) is copied there for the collective and back."""
+    reduced = all_reduce_sum(t, group)
+    return t if reduced is t else t.copy_(reduced)
 
 
 def world_size(group=None) -> int:

@@ -174,3 +174,22 @@ def test_autoaugment_batch_has_three_branches_each_a_third():
     model.eval()
     main.eval()
     assert torch.allclose(model(x), main(x), atol=1e-6)  # evaluation: the main branch
+
+
+def test_collectives_only_in_the_reduction_helper_and_the_split_transport():
+    """Every tensor the package hands to a collective goes through reduce.py (on the device) or the
+    split transport (gloo side group, CPU tensors by design); stale.py only asks DeepSpeed to
+    re-gather its own partitions, and barriers carry no tensor."""
+    import re
+
+    pattern = re.compile(r"\b(all_reduce|all_gather\w*|reduce_scatter\w*|broadcast|isend|irecv)\(|\.(send|recv)\(")
+    allowed = {"reduce.py", "stale.py"}
+    offenders = []
+    for path in sorted((ROOT / "conadv_ds").rglob("*.py")):
+        rel = path.relative_to(ROOT / "conadv_ds")
+        if rel.parts[0] == "split" or str(rel) in allowed:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line.split("#")[0]):
+                offenders.append(f"{rel}:{n}: {line.strip()}")
+    assert offenders == []

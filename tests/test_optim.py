@@ -1,5 +1,7 @@
-"""LARS and LAMB against hand-written single-process formulas; exact under ZeRO 1/2/3 on 2 ranks;
-schedules against closed forms; optimizer/scheduler config errors."""
+"""LARS and LAMB against hand-written single-process formulas; exact under ZeRO 1/2/3 on 2 ranks,
+with one all-reduce per parameter group on the parameters' device and no host sync per
+parameter; their own argument checks; schedules against closed forms; optimizer/scheduler
+config errors."""
 
 
 import pytest
@@ -76,13 +78,175 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("stage", (0, 1, 2, 3))
 def test_matches_reference_formulas_under_zero(runs, name, stage):
-    assert rel_err(runs[f"{name}/z{stage}"], reference(name)) <= 1e-5
+    assert rel_err(runs[f"{name}/z{stage}"]["params"], reference(name)) <= 1e-5
+
+
+def test_matches_reference_with_the_optimizer_offloaded(runs):
+    assert rel_err(runs["LAMB/z2/offload"]["params"], reference("LAMB")) <= 1e-5
 
 
 @pytest.mark.parametrize("case,name", [("LARS/z2/naive", "LARS"), ("LAMB/z1/naive", "LAMB")])
 def test_per_partition_ratios_would_be_wrong(runs, case, name):
     """Control: the same optimizer without the ZeRO layout (per-partition norms) goes astray."""
-    assert rel_err(runs[case], reference(name)) > 1e-3
+    assert rel_err(runs[case]["params"], reference(name)) > 1e-3
+
+
+@pytest.mark.parametrize("case", [f"{n}/z{s}" for s in (0, 1, 2, 3) for n in OPTIMIZERS] + ["LAMB/z2/offload"])
+def test_one_all_reduce_per_group_on_the_parameters_device(runs, case):
+    """Per optimizer step, the adapted group's per-layer sums (‖w‖², ‖g‖² or ‖r‖² of its 2 layers)
+    go through one all-reduce on the parameters' device (= the accelerator's device); the plain
+    group (biases) needs none; without ZeRO there is nothing to reduce."""
+    run = runs[case]
+    calls = [c for step in run["collectives"] for c in step]
+    if case.endswith("z0"):
+        assert calls == []
+        return
+    assert all(len(step) <= 1 for step in run["collectives"])
+    assert [name for name, _, _ in calls] == ["all_reduce"] * STEPS
+    assert {numel for _, _, numel in calls} == {2 * 2}
+    assert {device for _, device, _ in calls} == run["param_devices"] == {runs["accelerator_device"]}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("block", [None, 700, "accelerator"])
+def test_without_zero_matches_reference(name, block, monkeypatch):
+    """One process, the model's own parameters: default CPU blocks; blocks of 700 elements, which
+    cut the 64×64 layer into chunks and pack the small layer with the end of it (several blocks and
+    units per group); and the accelerator's plan (no blocks: one unit of whole layers)."""
+    from conadv_ds.optim import build_optimizer, layerwise, multi_tensor
+
+    if block == "accelerator":
+        monkeypatch.setattr(layerwise, "block_elements", lambda *args: None)
+    else:
+        monkeypatch.setattr(multi_tensor, "BLOCK_ELEMENTS", block)
+    model = make_mlp()
+    opt = build_optimizer(OPTIMIZERS[name], model)
+    for x, y in mlp_batches():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert rel_err([p.detach() for p in model.parameters()], reference(name)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_rank_owning_no_piece_still_reduces_once(name, monkeypatch):
+    """Under ZeRO a rank's partition of a small group may be all padding: it still takes part in
+    the group's one all-reduce (with zeros), or the other ranks would wait for it forever."""
+    from conadv_ds import optim
+    from conadv_ds.optim import multi_tensor
+    from conadv_ds.optim.zero_layout import FlatLayout
+
+    reduced = []
+    monkeypatch.setattr(multi_tensor, "all_reduce_sum_", lambda t, group: reduced.append(t.clone()) or t)
+    flat = nn.Parameter(torch.zeros(6))
+    flat.grad = torch.ones(6)
+    opt = getattr(optim, name)([{"params": [flat], "weight_decay": 0.0, "adapt": True}],
+                               **OPTIMIZERS[name]["params"])
+    opt.bind_layouts({id(flat): FlatLayout(num_layers=3, segments=[], group="dp")})
+    opt.step()
+    assert [t.shape for t in reduced] == [(2, 3)] and not reduced[0].any()
+    assert not flat.detach().any()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_resume_from_state_dict_is_exact(name):
+    from conadv_ds.optim import build_optimizer
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    batches = mlp_batches()
+    straight = make_mlp()
+    train(straight, build_optimizer(OPTIMIZERS[name], straight), batches)
+    first = make_mlp()
+    opt = build_optimizer(OPTIMIZERS[name], first)
+    train(first, opt, batches[:2])
+    resumed = make_mlp()
+    resumed.load_state_dict(first.state_dict())
+    opt2 = build_optimizer(OPTIMIZERS[name], resumed)
+    opt2.load_state_dict(opt.state_dict())
+    train(resumed, opt2, batches[2:])
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
+HOST_SYNCS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+def host_syncs_per_step(name: str, depth: int) -> int:
+    """Tensor-to-host conversions during one step of a `depth`-layer MLP (after the first)."""
+    from conadv_ds.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(depth)])
+    opt = build_optimizer(OPTIMIZERS[name], model)
+    model(torch.randn(4, 32)).square().sum().backward()
+    opt.step()
+    count = 0
+    originals = {n: getattr(torch.Tensor, n) for n in HOST_SYNCS}
+
+    def counting(original):
+        def call(self, *args, **kwargs):
+            nonlocal count
+            count += 1
+            return original(self, *args, **kwargs)
+        return call
+
+    for n, f in originals.items():
+        setattr(torch.Tensor, n, counting(f))
+    try:
+        opt.step()
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+    return count
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_step_makes_no_host_sync_per_parameter(name):
+    """Wrapping Tensor.item/tolist/__float__/__int__/__bool__ during a step: the count does not
+    grow with the number of parameters (it is zero: trust ratios stay on the device)."""
+    counts = [host_syncs_per_step(name, depth) for depth in (2, 12)]
+    assert counts[0] == counts[1] == 0
+
+
+ARGUMENT_ERRORS = [
+    ("LARS", {"lr": -1}, "LARS: lr=-1: must be > 0"),
+    ("LARS", {"lr": 0.1, "momentum": 1.0}, "LARS: momentum=1.0: must be in [0, 1)"),
+    ("LARS", {"lr": 0.1, "weight_decay": -1e-4}, "LARS: weight_decay=-0.0001: must be >= 0"),
+    ("LARS", {"lr": 0.1, "trust_coefficient": 0.0}, "LARS: trust_coefficient=0.0: must be > 0"),
+    ("LARS", {"lr": 0.1, "eps": -1.0}, "LARS: eps=-1.0: must be >= 0"),
+    ("LAMB", {"lr": 0}, "LAMB: lr=0: must be > 0"),
+    ("LAMB", {"lr": 1e-3, "betas": (0.9, 1.0)}, "LAMB: betas=(0.9, 1.0): must be two numbers in [0, 1)"),
+    ("LAMB", {"lr": 1e-3, "eps": -1e-8}, "LAMB: eps=-1e-08: must be >= 0"),
+    ("LAMB", {"lr": 1e-3, "weight_decay": -0.1}, "LAMB: weight_decay=-0.1: must be >= 0"),
+    ("LAMB", {"lr": 1e-3, "max_trust": 0.0}, "LAMB: max_trust=0.0: must be > 0 or null"),
+    ("LAMB", {"lr": 1e-3, "min_trust": 2.0, "max_trust": 1.0}, "LAMB: min_trust=2.0: must be <= max_trust (1.0)"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,expected", ARGUMENT_ERRORS)
+def test_optimizer_checks_its_own_arguments(name, kwargs, expected):
+    """Built directly (no config), as timm's optimizers do: a one-line ValueError naming the
+    argument, its value and what is allowed."""
+    from conadv_ds import optim
+
+    with pytest.raises(ValueError) as e:
+        getattr(optim, name)(make_mlp().parameters(), **kwargs)
+    assert str(e.value) == expected
+
+
+def test_param_group_arguments_are_checked_too():
+    from conadv_ds.optim import LARS
+
+    model = make_mlp()
+    with pytest.raises(ValueError, match=r"^LARS: lr=-0.5: must be > 0$"):
+        LARS([{"params": list(model[0].parameters()), "lr": -0.5}], lr=0.1)
+    opt = LARS(model[0].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^LARS: momentum=1.5: must be in \[0, 1\)$"):
+        opt.add_param_group({"params": list(model[2].parameters()), "momentum": 1.5})
 
 
 def test_one_dimensional_params_are_not_adapted_or_decayed():

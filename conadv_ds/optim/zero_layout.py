@@ -13,9 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-from torch import Tensor
-
 
 @dataclass
 class FlatLayout:
@@ -25,26 +22,6 @@ class FlatLayout:
     """(layer index, start, numel) of each piece this rank owns."""
     group: Any = None
     """Process group over which the per-layer sums are reduced."""
-
-
-def single_layer(p: Tensor) -> FlatLayout:
-    """An ordinary parameter: one layer, all of it local."""
-    return FlatLayout(1, [(0, 0, p.numel())], None)
-
-
-def layer_norms(layout: FlatLayout, tensors: list[Tensor]) -> Tensor:
-    """Per-layer L2 norms of each of `tensors` (flat views of one parameter tensor), exact across
-    ranks: shape (len(tensors), num_layers), one all-reduce."""
-    sq = torch.zeros(len(tensors), layout.num_layers, dtype=torch.float32, device=tensors[0].device)
-    for li, start, n in layout.segments:
-        for k, t in enumerate(tensors):
-            piece = t.narrow(0, start, n).float()
-            sq[k, li] += torch.dot(piece, piece)
-    if layout.group is not None:
-        from deepspeed import comm as dist
-
-        dist.all_reduce(sq, group=layout.group)
-    return sq.sqrt()
 
 
 def layouts_for(engine) -> dict[int, FlatLayout]:
