@@ -14,7 +14,7 @@ import math
 from typing import Any, ClassVar, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..config import resolve_batch, validate_block
 from ..errors import ConfigError, FieldError
@@ -77,19 +77,12 @@ class LAMBParams(_OptimizerParams):
 
 
 class WarmupPolyDecayParams(_Strict):
-    total_num_steps: int
+    total_num_steps: int = Field(ge=1)
     warmup_num_steps: Optional[int] = None
     warmup_ratio: Optional[float] = None
     warmup_min_lr: float = 0.0
     power: float = 1.0
     end_lr: float = 0.0
-
-    @field_validator("total_num_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
 
     @field_validator("power")
     @classmethod
@@ -119,14 +112,7 @@ class WarmupPolyDecayParams(_Strict):
 
 class LRScaling(_Strict):
     rule: Literal["linear", "sqrt"]
-    reference_batch_size: int
-
-    @field_validator("reference_batch_size")
-    @classmethod
-    def _ref(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
+    reference_batch_size: int = Field(ge=1)
 
 
 _OPTIMIZERS = {"lars": LARSParams, "lamb": LAMBParams}

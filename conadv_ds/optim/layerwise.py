@@ -105,6 +105,13 @@ class _Layerwise(torch.optim.Optimizer):
         self.layouts = layouts
         self._plans.clear()
 
+    def _groups_with_grads(self):
+        """(group, its parameters that have gradients, their chunk plan) for every group with work."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                yield group, params, self._plan(params)
+
     def _plan(self, params: list[Tensor]) -> GroupPlan:
         layouts = [self.layouts.get(id(p)) for p in params]
         key = (params[0].device, tuple(p.numel() for p in params), tuple(map(id, layouts)))
@@ -133,11 +140,7 @@ class LARS(_Layerwise):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            plan = self._plan(params)
+        for group, params, plan in self._groups_with_grads():
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
             w, g = plan.chunks(params, "w"), plan.chunks([p.grad for p in params])
             v = plan.chunks([self._buffer(p) for p in params], "v")
@@ -198,11 +201,7 @@ class LAMB(_Layerwise):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            plan = self._plan(params)
+        for group, params, plan in self._groups_with_grads():
             (b1, b2), wd, eps, lr = group["betas"], group["weight_decay"], group["eps"], group["lr"]
             states = [self._state(p) for p in params]
             steps = _step_tensors([st["step"] for st in states], params[0].device)
