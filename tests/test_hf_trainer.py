@@ -189,6 +189,7 @@ VANISHING = {"epsilon": 1e-12, "step_size": 1e-12, "norm": "l2", "targeted": Fal
 # noise into lr-sized steps in both runs alike; SGD shows the loss path itself.
 EQUIVALENCE = {  # case: (model, Trainer keyword arguments, compute_loss_func)
     "bert-ga2": ("bert", {"gradient_accumulation_steps": 2}, None),
+    "bert-ga4": ("bert", {"gradient_accumulation_steps": 4}, None),
     "bert-label-smoothing-ga2": ("bert", {"gradient_accumulation_steps": 2, "label_smoothing_factor": 0.1}, None),
     "bert-loss-func-ga2": ("bert", {"gradient_accumulation_steps": 2}, sum_then_divide),
     "gpt2-num-items-ga2": ("gpt2", {"gradient_accumulation_steps": 2, "optim": "sgd"}, None),
@@ -269,3 +270,26 @@ def test_resume_with_another_staleness_is_a_clear_error(tmp_path):
     other = trainer_for("bert-mlm", tmp_path / "b", {"staleness": 1})
     with pytest.raises(ConfigError, match=r"saved with conadv.staleness=2 but this run has 1"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+
+
+def test_vit_on_processor_normalised_pixels_is_not_clipped_to_unit_range(tmp_path):
+    """Image processors hand over (x − mean) / std: the adversarial pixel values must not be clamped
+    to [0, 1] (that would destroy every negative input), and δ stays in the ε-ball."""
+    make, images, block = models()["vit"]
+    normalised = [{"pixel_values": (r["pixel_values"] - 0.5) / 0.5, "labels": r["labels"]} for r in images]
+    torch.manual_seed(0)
+    args = ConAdvTrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                                   use_cpu=True, seed=0, save_strategy="no", conadv=block)
+    trainer = ConAdvTrainer(model=make(), args=args, train_dataset=normalised)
+    seen = []
+    original = trainer._delta
+
+    def recording(inputs):
+        delta = original(inputs)
+        seen.append((inputs["pixel_values"].clone(), delta.clone()))
+        return delta
+
+    trainer._delta = recording
+    trainer.train()
+    x, delta = seen[0]
+    assert (x + delta).min() < -0.5 and delta.abs().max() <= block["epsilon"] + 1e-6 and delta.abs().max() > 0
