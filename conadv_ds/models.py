@@ -71,7 +71,9 @@ def _named_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
         if in_chans != 3:
             raise ConfigError(f"--model={name}: torchvision models take 3 channels, the data has {in_chans}; "
                               "use --model small_resnet or a timm model")
-        return torchvision.models.get_model(name, num_classes=num_classes)
+        # the official code's TF ResNet starts the last BatchNorm of every residual block at γ = 0
+        residual = {"zero_init_residual": True} if name.startswith(("resnet", "resnext", "wide_resnet")) else {}
+        return torchvision.models.get_model(name, num_classes=num_classes, **residual)
     try:
         import timm
     except ImportError:

@@ -117,3 +117,13 @@ def test_split_recipe_matches_in_process_conadv(tmp_path):
     assert json.loads((tmp_path / "split" / "effective_config.json").read_text())["conadv"]["schedule"] == "split"
     assert sha(split) == sha(inproc)
     assert split.stdout.count("weights_sha256=") == 1  # printed by the trainer only
+
+
+def test_torchvision_resnets_start_residual_branches_at_zero():
+    """As the official TF ResNet (`init_zero=True` on the last BatchNorm of each block)."""
+    from conadv_ds.models import build_classifier
+
+    model = build_classifier("resnet18", 10, 3, (0.5,) * 3, (0.5,) * 3)
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 8 and all(float(b.bn2.weight.abs().sum()) == 0 for b in blocks)
+    assert all(float(b.bn1.weight.min()) == 1 for b in blocks)
