@@ -1,8 +1,11 @@
-"""Crash-safe checkpoint files: nothing a user saved is lost if a process dies mid-save.
+"""Crash-safe checkpoint folders: nothing a user saved is lost if a process dies mid-save.
 
 A checkpoint is written under `<dir>/<tag>.partial`, moved to `<dir>/<tag>` when every rank
-has finished, and only then does the `latest` pointer (replaced atomically) name it. A kill at
-any point leaves the previous checkpoint and its pointer intact.
+has finished, and only then does the `latest` pointer (replaced atomically) name it. Saving a
+tag that exists moves the old folder aside as `<tag>.old` first; `recover` (run before every
+save and load) puts it back if a kill came between the two moves, and clears the `.partial`
+folders of saves that never finished. Published tags are listed, oldest first, in
+`<dir>/checkpoints`; `prune` keeps the newest `keep` of them and never the one `latest` names.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from .errors import ConfigError
 
 LATEST = "latest"
 PARTIAL = ".partial"
+OLD = ".old"
+MANIFEST = "checkpoints"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -30,10 +35,14 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_latest(save_dir: Path, tag: str) -> None:
-    tmp = Path(save_dir) / f".{LATEST}.tmp{os.getpid()}"
-    tmp.write_text(tag)
-    os.replace(tmp, Path(save_dir) / LATEST)
+    _write_text(Path(save_dir) / LATEST, tag)
 
 
 def read_latest(save_dir: Path) -> Optional[str]:
@@ -41,18 +50,65 @@ def read_latest(save_dir: Path) -> Optional[str]:
     return path.read_text().strip() if path.is_file() else None
 
 
-def publish(save_dir: Path, tag: str, update_latest: bool = True) -> None:
-    """Move `<tag>.partial` into place as `<tag>` (replacing an older `<tag>`), then point `latest` at it."""
+def _folders(save_dir: Path, suffix: str) -> list[Path]:
+    return [d for d in save_dir.glob(f"*{suffix}") if d.is_dir()]
+
+
+def recover(save_dir: Path) -> None:
+    """Undo what a killed save left: a `<tag>.old` whose replacement never arrived goes back to
+    `<tag>`; leftover `.old` and `.partial` folders are removed. One process calls it, before the
+    other ranks read or write (the save and load paths put a barrier after it)."""
     save_dir = Path(save_dir)
-    final, partial = save_dir / tag, save_dir / f"{tag}{PARTIAL}"
-    old = save_dir / f"{tag}.old"
+    if not save_dir.is_dir():
+        return
+    for old in _folders(save_dir, OLD):
+        final = old.with_name(old.name[: -len(OLD)])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    for partial in _folders(save_dir, PARTIAL):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def publish(save_dir: Path, tag: str, update_latest: bool = True) -> None:
+    """Move `<tag>.partial` into place as `<tag>` (an older `<tag>` is moved aside first and
+    restored by `recover` if this is interrupted), list the tag, then point `latest` at it."""
+    save_dir = Path(save_dir)
+    final, partial, old = save_dir / tag, save_dir / f"{tag}{PARTIAL}", save_dir / f"{tag}{OLD}"
     if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(partial, final)
+    _write_manifest(save_dir, [t for t in listed(save_dir) if t != tag] + [tag])
     if update_latest:
         write_latest(save_dir, tag)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def listed(save_dir: Path) -> list[str]:
+    """Published tags, oldest first."""
+    path = Path(save_dir) / MANIFEST
+    return path.read_text().split() if path.is_file() else []
+
+
+def _write_manifest(save_dir: Path, tags: list[str]) -> None:
+    _write_text(Path(save_dir) / MANIFEST, "".join(f"{t}\n" for t in tags))
+
+
+def prune(save_dir: Path, keep: Optional[int]) -> list[str]:
+    """Delete the oldest published checkpoints beyond the newest `keep` (None: keep all); the one
+    `latest` names is never deleted. Returns the tags deleted."""
+    if keep is None:
+        return []
+    if keep < 1:
+        raise ConfigError(f"save_total_limit={keep}: must be >= 1 (or None to keep every checkpoint)")
+    save_dir = Path(save_dir)
+    tags, latest = listed(save_dir), read_latest(save_dir)
+    doomed = [t for t in tags[: max(len(tags) - keep, 0)] if t != latest]
+    for t in doomed:
+        shutil.rmtree(save_dir / t, ignore_errors=True)
+    _write_manifest(save_dir, [t for t in tags if t not in doomed])
+    return doomed
 
 
 def rng_state() -> dict:
@@ -74,13 +130,16 @@ def set_rng_state(state: dict) -> None:
 _SCHEDULE_KEYS = ("enabled", "schedule", "staleness", "stale_weights")
 
 
-def check_same_schedule(saved: Optional[dict], current: dict, where: str) -> None:
-    """A checkpoint's ConAdv state only continues the schedule that wrote it: a different
-    schedule, staleness or stale-weight mechanism is a one-line error, not a mixed run."""
-    if saved is None:
-        return
-    diff = [k for k in _SCHEDULE_KEYS if saved.get(k) != current.get(k)]
+def check_same_run(saved: dict, current: dict, where: str) -> None:
+    """A checkpoint's per-rank ConAdv state only continues the run that wrote it: another
+    schedule, staleness, stale-weight mechanism or world size is a one-line error naming the
+    field and both values, not a mixed run or a `KeyError` deep in a swap."""
+    pairs = [(f"conadv.{k}", (saved.get("conadv") or {}).get(k), current["conadv"].get(k)) for k in _SCHEDULE_KEYS
+             if saved.get("conadv") is not None]
+    if "world_size" in saved:
+        pairs.append(("world size", saved["world_size"], current["world_size"]))
+    diff = [(name, a, b) for name, a, b in pairs if a != b]
     if diff:
-        raise ConfigError(f"checkpoint {where!r}: saved with " + ", ".join(f"conadv.{k}={saved.get(k)!r}" for k in diff)
-                          + " but this run has " + ", ".join(f"{current.get(k)!r}" for k in diff)
+        raise ConfigError(f"checkpoint {where!r}: saved with " + ", ".join(f"{n}={a!r}" for n, a, _ in diff)
+                          + " but this run has " + ", ".join(f"{b!r}" for *_, b in diff)
                           + "; resume with the saved settings or start a new output folder")

@@ -33,6 +33,17 @@ def one_line_errors(main: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def count(text: str) -> int:
+    """argparse type for flags counting steps or checkpoints: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 0")
+    return value
+
+
 def parse_overrides(pairs: Sequence[str]) -> dict:
     """`--conadv KEY=VALUE` flags as a dict; values are JSON when they parse as JSON, else strings."""
     out = {}

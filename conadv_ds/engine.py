@@ -21,6 +21,7 @@ import torch
 from . import batch as B
 from . import checkpoint as ckpt
 from .config import ConAdvConfig
+from .errors import ConfigError
 from .objective import Objective, StepMetrics
 from .perturb import Space
 from .schedule import Pull, Schedule
@@ -121,19 +122,29 @@ class ConAdvEngine:
                                      "Lower the learning rate or check the data.")
 
     # -- checkpoints --------------------------------------------------------------------------
+    def _state_identity(self) -> dict:
+        return {"conadv": self.conadv.model_dump(), "world_size": self.ds.world_size}
+
     def _state(self) -> dict:
         return {"step": self.ds.global_steps, "micro_batches_pulled": self.micro_batches_pulled,
                 "schedule": self.schedule.state_dict(), "rng": ckpt.rng_state(), "nonfinite": self._nonfinite,
-                "conadv": self.conadv.model_dump()}
+                **self._state_identity()}
 
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: Optional[dict] = None,
-                        save_latest: bool = True, **kwargs: Any) -> bool:
+                        save_latest: bool = True, save_total_limit: Optional[int] = None, **kwargs: Any) -> bool:
         """DeepSpeed's checkpoint plus this rank's ConAdv state (pending lookahead batches and δ
-        or old-weight shards, RNG streams, data position, effective config), written crash-safe:
-        to `<tag>.partial`, moved into place when all ranks are done, then `latest` updated."""
+        or old-weight shards, RNG streams, data position, effective config), written crash-safe
+        (`checkpoint.py`): to `<tag>.partial`, moved into place when all ranks are done, then
+        `latest` updated. `save_total_limit` keeps only that many of the newest checkpoints in
+        `save_dir` (as the Trainer's); the one `latest` names is never deleted."""
         from deepspeed import comm as dist
 
         tag = str(tag if tag is not None else f"global_step{self.ds.global_steps}")
+        if save_total_limit is not None and save_total_limit < 1:
+            raise ConfigError(f"save_total_limit={save_total_limit}: must be >= 1 (or None to keep all)")
+        if self.ds.global_rank == 0:
+            ckpt.recover(Path(save_dir))
+        dist.barrier()
         client = {**(client_state or {}), "conadv": self.conadv.model_dump()}
         ok = self.ds.save_checkpoint(save_dir, tag=tag + ckpt.PARTIAL, client_state=client, save_latest=False,
                                      **kwargs)
@@ -141,21 +152,30 @@ class ConAdvEngine:
         dist.barrier()
         if self.ds.global_rank == 0:
             ckpt.publish(Path(save_dir), tag, update_latest=save_latest)
+            ckpt.prune(Path(save_dir), save_total_limit)
         dist.barrier()
         return ok
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> tuple[Optional[str], dict]:
-        """DeepSpeed's `load_checkpoint` (default: the `latest` tag), then the ConAdv state."""
+        """DeepSpeed's `load_checkpoint` (default: the `latest` tag), then the ConAdv state. A
+        checkpoint of another schedule, staleness, stale-weight mechanism or world size is a
+        one-line error: its per-rank state continues only the run that wrote it."""
+        from deepspeed import comm as dist
+
+        if self.ds.global_rank == 0:
+            ckpt.recover(Path(load_dir))
+        dist.barrier()
         tag = str(tag) if tag is not None else ckpt.read_latest(Path(load_dir))
         if tag is None:
             raise FileNotFoundError(f"checkpoint folder {str(load_dir)!r}: no '{ckpt.LATEST}' file; nothing to resume")
+        state_file = Path(load_dir) / tag / f"conadv_rank{self.ds.global_rank}.pt"
+        state = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
+        if state is not None:
+            ckpt.check_same_run(state, self._state_identity(), str(Path(load_dir) / tag))
         path, client = self.ds.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is None:
             raise FileNotFoundError(f"checkpoint {str(Path(load_dir) / tag)!r}: could not be loaded")
-        state_file = Path(load_dir) / tag / f"conadv_rank{self.ds.global_rank}.pt"
-        if state_file.is_file():
-            state = torch.load(state_file, map_location="cpu", weights_only=False)
-            ckpt.check_same_schedule(state.get("conadv"), self.conadv.model_dump(), str(Path(load_dir) / tag))
+        if state is not None:
             self.schedule.load_state_dict(B.to_device(state["schedule"], self.ds.device))
             self.micro_batches_pulled = state["micro_batches_pulled"]
             self._nonfinite = state["nonfinite"]

@@ -158,11 +158,14 @@ class ConAdvTrainer(Trainer):
             logs = {**logs, **{k: round(m[k] * self._log_scale, 6) for k in ("clean_loss", "adv_loss") if k in m}}
         super().log(logs, *args, **kwargs)
 
+    def _state_identity(self) -> dict:
+        return {"conadv": self.conadv.model_dump(), "world_size": self.args.world_size}
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         state = {"schedule": self._schedule.state_dict() if self._schedule is not None else None,
-                 "micro": self._micro, "conadv": self.conadv.model_dump()}
+                 "micro": self._micro, **self._state_identity()}
         ckpt.atomic_save(state, _state_file(folder, self.args.process_index))
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
@@ -186,7 +189,7 @@ class ConAdvTrainer(Trainer):
                                         "with this world size")
             return
         state = torch.load(path, map_location="cpu", weights_only=False)
-        ckpt.check_same_schedule(state.get("conadv"), self.conadv.model_dump(), folder)
+        ckpt.check_same_run(state, self._state_identity(), folder)
         if state["schedule"] is not None:
             self._schedule.load_state_dict(B.to_device(state["schedule"], self.args.device))
         self._micro = tuple(state["micro"])

@@ -22,7 +22,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from conadv_ds.cli import one_line_errors, parse_overrides
+from conadv_ds.cli import count, one_line_errors, parse_overrides
 from conadv_ds.config import load_json, validate_block
 from conadv_ds.errors import ConfigError
 from conadv_ds.resolve import RunConfig, resolve_config
@@ -60,18 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strict_data", action="store_true", help="stop at the first empty line instead of skipping it")
     p.add_argument("--max_seq_length", type=int)
     p.add_argument("--phase2_seq_length", type=int, help="second phase sequence length (LAMB's 128 then 512)")
-    p.add_argument("--phase2_steps", type=int)
+    p.add_argument("--phase2_steps", type=count)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--max_steps", type=int)
+    p.add_argument("--max_steps", type=count)
     p.add_argument("--output_dir", default="runs/bert")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_interval", type=int, default=10)
-    p.add_argument("--eval_interval", type=int, default=0, help="held-out evaluation every N steps (0: at the end)")
+    p.add_argument("--log_interval", type=count, default=10)
+    p.add_argument("--eval_interval", type=count, default=0, help="held-out evaluation every N steps (0: at the end)")
     p.add_argument("--conadv", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry_run", action="store_true", help="validate the config for --world_size and print the plan")
     p.add_argument("--world_size", type=int, help="world size for --dry_run")
-    p.add_argument("--record_deltas", type=int, default=0, metavar="N",
+    p.add_argument("--record_deltas", type=count, default=0, metavar="N",
                    help="save the first N steps' δ, batches and preceding weights (rank 0) for inspection")
     return p.parse_args(argv)
 

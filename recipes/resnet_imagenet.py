@@ -22,7 +22,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from conadv_ds.cli import one_line_errors, parse_overrides
+from conadv_ds.cli import count, one_line_errors, parse_overrides
 from conadv_ds.config import load_json, validate_block
 from conadv_ds.data.vision import IMAGENET_TRAIN_SIZE
 from conadv_ds.errors import ConfigError
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=["digits", "fashion-mnist", "imagenet"])
     p.add_argument("--model", help="small_resnet, or any torchvision / timm classifier name")
     p.add_argument("--epochs", type=float)
-    p.add_argument("--max_steps", type=int)
+    p.add_argument("--max_steps", type=count)
     p.add_argument("--output_dir", default="runs/resnet")
     p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
     p.add_argument("--eval_only", action="store_true")
@@ -71,10 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strict_data", action="store_true", default=None,
                    help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--eval_epsilon", type=float)
-    p.add_argument("--eval_steps", type=int)
-    p.add_argument("--eval_interval", type=int, help="evaluate every N steps (default: each epoch; 0: at the end)")
-    p.add_argument("--log_interval", type=int, default=10)
-    p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: per epoch only)")
+    p.add_argument("--eval_steps", type=count)
+    p.add_argument("--eval_interval", type=count, help="evaluate every N steps (default: each epoch; 0: at the end)")
+    p.add_argument("--log_interval", type=count, default=10)
+    p.add_argument("--save_interval", type=count, default=0, help="checkpoint every N steps (0: per epoch only)")
+    p.add_argument("--save_total_limit", type=count, default=3,
+                   help="keep the newest N checkpoints in output_dir (0: keep all); the latest is never deleted")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     return p.parse_args(argv)
@@ -252,6 +254,9 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
                 f.write(json.dumps({"step": engine.global_steps, **res}) + "\n")
         return res
 
+    def save() -> None:
+        engine.save_checkpoint(str(out), save_total_limit=args.save_total_limit or None)
+
     if args.eval_only:
         engine.stop_attackers()
         run_eval("only")
@@ -276,17 +281,16 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
                 parts = " ".join(f"{k} {m[k]:.4f}" for k in ("loss", "clean_loss", "adv_loss", "accuracy",
                                                             "adv_accuracy") if k in m)
                 bar.write(f"step {step}/{total} {parts} lr {m['lr']:.4g} samples/s {m['samples_per_sec']:.0f}")
-        if args.save_interval and step % args.save_interval == 0:
-            engine.save_checkpoint(str(out))
-        if step % steps_per_epoch == 0 and step < total:
-            if recipe.eval_interval is None:
-                run_eval(f"epoch {step // steps_per_epoch}")
-            engine.save_checkpoint(str(out))
+        epoch_end = step % steps_per_epoch == 0 and step < total
+        if epoch_end and recipe.eval_interval is None:
+            run_eval(f"epoch {step // steps_per_epoch}")
+        if epoch_end or (args.save_interval and step % args.save_interval == 0 and step < total):
+            save()
         if recipe.eval_interval and step % recipe.eval_interval == 0 and step < total:
             run_eval(f"step {step}")
     bar.close()
     engine.stop_attackers()
-    engine.save_checkpoint(str(out))
+    save()
     run_eval("final")
     sha = weights_sha256(engine.module)
     if rank == 0:

@@ -26,8 +26,8 @@ def sha(proc):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("vision")
-    straight = recipe("--max_steps", "6", "--log_interval", "2", "--conadv", "epsilon=0.05",
-                      "--output_dir", str(d / "straight"))
+    straight = recipe("--max_steps", "6", "--log_interval", "2", "--conadv", "epsilon=0.05", "--save_interval", "1",
+                      "--save_total_limit", "2", "--output_dir", str(d / "straight"))
     first = recipe("--max_steps", "3", "--conadv", "epsilon=0.05", "--output_dir", str(d / "resumed"))
     resumed = recipe("--max_steps", "6", "--resume", "--conadv", "epsilon=0.05", "--output_dir", str(d / "resumed"))
     return d, straight, first, resumed
@@ -40,6 +40,8 @@ def test_end_to_end_with_conadv(runs):
                      r"lr [\d.e-]+ samples/s \d+", out), out[-3000:]
     assert "eval final: top1" in out and "conadv config:" in out
     assert (d / "straight" / "latest").read_text() == "global_step6"
+    kept = sorted(p.name for p in (d / "straight").glob("global_step*"))
+    assert kept == ["global_step5", "global_step6"]  # saved every step, the newest two kept
     assert (d / "straight" / "curves.png").stat().st_size > 10_000
     cfg = json.loads((d / "straight" / "effective_config.json").read_text())
     assert cfg["conadv"]["schedule"] == "conadv" and cfg["recipe"]["dataset"] == "digits"

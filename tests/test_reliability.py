@@ -40,7 +40,7 @@ def test_nonfinite_loss_aborts_with_a_clear_message(resumed):
         assert "loss is nan for 2 consecutive steps" in r["message"] and "max_nonfinite_steps=2" in r["message"]
 
 
-KILL_POINTS = ["deepspeed", "conadv_state", "publish", "latest"]
+KILL_POINTS = ["deepspeed", "conadv_state", "publish", "latest", "same_tag"]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,10 @@ def test_kill_during_save_keeps_previous_checkpoint(killed, kill_in):
     runs, verified = killed
     died, d = runs[kill_in]
     assert died.returncode != 0 and "second save completed" not in died.stdout
-    assert (d / "latest").read_text() == "global_step2"
-    assert verified.count(f"verified checkpoint global_step2 in {d}\n") == WORLD
+    tag = "kept" if kill_in == "same_tag" else "global_step2"
+    assert (d / "latest").read_text() == tag
+    assert verified.count(f"verified checkpoint {tag} in {d}\n") == WORLD
+    assert not list(d.glob("*.old")) and not list(d.glob("*.partial"))  # the load recovered the folder
 
 
 def test_one_rank_failing_ends_the_run_quickly():

@@ -1,5 +1,7 @@
-"""Saves a checkpoint, then dies by SIGKILL in the middle of the next save (--kill_in), or
-(--verify DIR...) loads each folder's latest checkpoint and checks it is the complete first one."""
+"""Saves a checkpoint, then dies by SIGKILL in the middle of the next save (--kill_in; same_tag:
+the next save re-writes the same tag and dies between moving the old folder aside and moving the
+new one in), or (--verify DIR...) loads each folder's latest checkpoint and checks it is the
+complete first one."""
 
 import argparse
 import os
@@ -28,10 +30,14 @@ def die_on_call(module, name, after=0):
     setattr(module, name, dying)
 
 
+KILL_POINTS = {"deepspeed": (torch, "save", 0), "conadv_state": (ckpt, "atomic_save", 0),
+               "publish": (os, "replace", 1), "latest": (ckpt, "write_latest", 0), "same_tag": (os, "replace", 2)}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt")
-    parser.add_argument("--kill_in", choices=["deepspeed", "conadv_state", "publish", "latest"])
+    parser.add_argument("--kill_in", choices=KILL_POINTS)
     parser.add_argument("--verify", nargs="+", metavar="DIR")
     args = parser.parse_args()
     if args.verify:
@@ -48,15 +54,14 @@ def main():
     data = iter([rank_slice(mb, engine.global_rank) for step in digits_batches(6) for mb in step])
     for _ in range(2):
         engine.train_batch(data)
-    engine.save_checkpoint(args.ckpt)
+    tag = "kept" if args.kill_in == "same_tag" else None
+    engine.save_checkpoint(args.ckpt, tag=tag)
     torch.save([p.detach().clone() for p in engine.module.parameters()],
                os.path.join(args.ckpt, f"expected_rank{engine.global_rank}.pt"))
     engine.train_batch(data)
     if engine.global_rank == 0 or args.kill_in in ("deepspeed", "conadv_state"):
-        target = {"deepspeed": (torch, "save", 0), "conadv_state": (ckpt, "atomic_save", 0),
-                  "publish": (os, "replace", 1), "latest": (ckpt, "write_latest", 0)}[args.kill_in]
-        die_on_call(*target)
-    engine.save_checkpoint(args.ckpt)
+        die_on_call(*KILL_POINTS[args.kill_in])
+    engine.save_checkpoint(args.ckpt, tag=tag)
     print("second save completed", flush=True)
 
 
