@@ -12,6 +12,8 @@ Defaults are the official ConAdv code's (ResNet-50 on ImageNet, [0, 1] pixels).
 from __future__ import annotations
 
 import json
+import math
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar, Union
 
@@ -23,10 +25,31 @@ CONADV_KEY = "conadv"
 PIXEL_EPSILON = 9 / 255
 
 
-class ConAdvConfig(BaseModel):
+def _takes_tuple(info: Any) -> bool:
+    annotation = getattr(info, "annotation", None)
+    return tuple in (typing.get_origin(annotation), *map(typing.get_origin, typing.get_args(annotation)))
+
+
+class JsonBlock(BaseModel):
+    """A block of the JSON config read strictly: unknown keys, a string where a boolean belongs,
+    a float where an integer belongs, and NaN or infinity are errors, not guesses."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_arrays(cls, data: Any) -> Any:
+        """JSON has arrays, not tuples: a list given for a tuple-typed field is read as a tuple."""
+        if not isinstance(data, dict):
+            return data
+        return {k: tuple(v) if isinstance(v, list) and _takes_tuple(cls.model_fields.get(k)) else v
+                for k, v in data.items()}
+
+
+class ConAdvConfig(JsonBlock):
     """What the adversarial part of training does; one instance per run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(frozen=True, validate_default=True)
 
     enabled: bool = True
     """A present block is on unless it says otherwise; no block means plain DeepSpeed."""
@@ -100,7 +123,8 @@ class ConAdvConfig(BaseModel):
 
 def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> ConfigError:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    path = [p for p in first["loc"] if isinstance(p, int) or p.isidentifier()]  # not pydantic's union tags
+    loc = ".".join(str(p) for p in path)
     field = f"{prefix}.{loc}" if loc else prefix
     value = first.get("input")
     if first["type"] == "extra_forbidden":
@@ -110,13 +134,18 @@ def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> Conf
     ctx_err = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_err, FieldError):
         return ConfigError(f"{prefix}.{ctx_err.field}={ctx_err.value!r}: {ctx_err.rule}")
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] in _BOUND_ERRORS and len(first["loc"]) == 1:
-        msg = _bounds_rule(model, str(first["loc"][0])) or msg
+    msg = _TYPE_RULES.get(first["type"], first["msg"].removeprefix("Value error, "))
+    if first["type"] in _BOUND_ERRORS:
+        whole = _bounds_rule(model, str(path[0])) if len(path) == 1 else None
+        msg = whole or _BOUND_ERRORS[first["type"]].format(*first["ctx"].values())
     return ConfigError(f"{field}={value!r}: {msg}")
 
 
-_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+_TYPE_RULES = {"bool_type": "must be true or false (a JSON boolean)", "int_type": "must be an integer",
+               "float_type": "must be a number", "finite_number": "must be a finite number",
+               "string_type": "must be a string"}
+_BOUND_ERRORS = {"greater_than": "must be > {}", "greater_than_equal": "must be >= {}", "less_than": "must be < {}",
+                 "less_than_equal": "must be <= {}"}
 
 
 def _bounds_rule(model: type[BaseModel], name: str) -> Optional[str]:
@@ -186,6 +215,15 @@ def load_json(config: Union[str, Path, dict]) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: top level must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def check_finite(data: Any, where: str = "") -> None:
+    """No NaN or infinity anywhere in a config (Python's JSON reader accepts `Infinity`)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"{where or 'config'}={data!r}: must be a finite number")
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        check_finite(value, f"{where}.{key}" if where else str(key))
 
 
 def _positive_int(ds: dict, key: str) -> Optional[int]:

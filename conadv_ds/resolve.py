@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import optim
-from .config import CONADV_KEY, ConAdvConfig, check_deepspeed, load_json, parse_conadv
+from .config import CONADV_KEY, ConAdvConfig, check_deepspeed, check_finite, load_json, parse_conadv
 from .errors import ConfigError
 from .split.layout import Layout, plan_layout
 
@@ -85,6 +85,7 @@ def resolve_config(config: Union[str, Path, dict], overrides: Optional[dict] = N
     `overrides` replace fields of the `conadv` block (CLI flags, a Trainer argument);
     `launch_size` defaults to this launch's world size."""
     raw = load_json(config)
+    check_finite(raw)
     block = raw.pop(CONADV_KEY, None)
     if overrides:
         block = {**block, **overrides} if isinstance(block, dict) else (overrides if block is None else block)

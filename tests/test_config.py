@@ -47,7 +47,57 @@ BAD = [
     ({"bf16": True}, 2, "bf16=True: must be a JSON object"),
     ({"gradient_clipping": -1}, 2, "gradient_clipping=-1: must be a number >= 0"),
     ({"train_batch_size": 32}, 3, "not divisible by train_micro_batch_size_per_gpu (8) × world size (3)"),
+    # strict types and finite numbers
+    ({"conadv": {"epsilon": float("inf")}}, 2, "conadv.epsilon=inf: must be a finite number"),
+    ({"conadv": {"step_size": float("nan")}}, 2, "conadv.step_size=nan: must be a finite number"),
+    ({"conadv": {"aux_bn": "yes"}}, 2, "conadv.aux_bn='yes': must be true or false"),
+    ({"conadv": {"targeted": 1}}, 2, "conadv.targeted=1: must be true or false"),
+    ({"conadv": {"steps": 2.0}}, 2, "conadv.steps=2.0: must be an integer"),
+    ({"conadv": {"seed": "7"}}, 2, "conadv.seed='7': must be an integer"),
+    ({"fp16": {"enabled": True, "initial_scale_power": float("inf")}}, 2,
+     "fp16.initial_scale_power=inf: must be a finite number"),
+    # optimizer and scheduler types and fields, ours and DeepSpeed's
+    ({"optimizer": {"type": "Larsss", "params": {"lr": 0.1}}}, 2, "optimizer.type='Larsss': unknown (did you mean 'LARS'?)"),
+    ({"optimizer": {"type": "sgd", "params": {"lr": 0.1}}}, 2, "optimizer.type='sgd': unknown (did you mean 'SGD'?)"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": -1}}}, 2, "optimizer.params.lr=-1: must be > 0"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 1.2]}}}, 2,
+     "optimizer.params.betas=(0.9, 1.2): must be two numbers in [0, 1)"),
+    ({"optimizer": {"type": "LARS", "params": {"lr": -0.1}}}, 2, "optimizer.params.lr=-0.1: must be > 0"),
+    ({"optimizer": {"type": "LARS", "params": {"lr": 0.1, "momentum": "0.9"}}}, 2,
+     "optimizer.params.momentum='0.9': must be a number"),
+    ({"optimizer": {"type": "LAMB", "params": {"lr": 0.1, "betas": [0.9, 1.5]}}}, 2, "optimizer.params.betas"),
+    ({"scheduler": {"type": "WarmupLRR", "params": {}}}, 2, "scheduler.type='WarmupLRR': unknown (did you mean 'WarmupLR'?)"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": -5}}}, 2,
+     "scheduler.params.warmup_num_steps=-5: must be >= 0"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 100.0}}}, 2,
+     "scheduler.params.total_num_steps=100.0: must be an integer"),
+    ({"scheduler": {"type": "WarmupPolyDecay", "params": {"total_num_steps": 10, "warmup_num_steps": -1}}}, 2,
+     "scheduler.params.warmup_num_steps=-1"),
 ]
+
+GOOD = [
+    {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.999], "weight_decay": "auto"}}},
+    {"optimizer": {"type": "adam", "params": {"lr": 1e-3, "torch_adam": True}}},
+    {"optimizer": {"type": "LAMB", "params": {"lr": 1e-3, "betas": [0.9, 0.999]}}},
+    {"scheduler": {"type": "CosineAnnealingLR", "params": {"T_max": 5}}},
+    {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10, "warmup_max_lr": 0.1}}},
+    {"conadv": {"clip_range": [0, 1], "epsilon": 1}},
+]
+
+
+@pytest.mark.parametrize("patch", GOOD)
+def test_good_values_pass(patch):
+    """Control for the strict checks above: what DeepSpeed and JSON users write is accepted."""
+    resolve_config({**BASE, **patch}, launch_size=2)
+
+
+def test_a_real_start_makes_the_same_checks():
+    """initialize() fails on the same line before DeepSpeed starts."""
+    import conadv_ds
+    from tests.common import make_model
+
+    with pytest.raises(ConfigError, match=r"optimizer.type='Larsss': unknown \(did you mean 'LARS'\?\)"):
+        conadv_ds.initialize(model=make_model(), config={**BASE, "optimizer": {"type": "Larsss", "params": {"lr": 1}}})
 
 
 @pytest.mark.parametrize("patch,world,expected", BAD)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..config import resolve_batch, validate_block
-from ..errors import ConfigError, FieldError
+from ..config import JsonBlock, resolve_batch, validate_block
+from ..errors import ConfigError, FieldError, did_you_mean
 from .layerwise import LAMB, LARS, ArgumentError, broken_rule, param_groups
 from .schedules import WarmupPolyDecay
 from .zero_layout import layouts_for
@@ -25,11 +25,7 @@ from .zero_layout import layouts_for
 __all__ = ["prepare_ds_config", "build_optimizer", "build_scheduler", "bind_to_engine"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _OptimizerParams(_Strict):
+class _OptimizerParams(JsonBlock):
     """An optimizer's `params` block: the fields and defaults here, the bounds the optimizer's."""
 
     optimizer: ClassVar[type]
@@ -76,7 +72,7 @@ class LAMBParams(_OptimizerParams):
     exclude_from_adaptation: Literal["ndim<=1", "none"] = "ndim<=1"
 
 
-class WarmupPolyDecayParams(_Strict):
+class WarmupPolyDecayParams(JsonBlock):
     total_num_steps: int = Field(ge=1)
     warmup_num_steps: Optional[int] = None
     warmup_ratio: Optional[float] = None
@@ -110,7 +106,7 @@ class WarmupPolyDecayParams(_Strict):
         return round(self.warmup_ratio * self.total_num_steps)
 
 
-class LRScaling(_Strict):
+class LRScaling(JsonBlock):
     rule: Literal["linear", "sqrt"]
     reference_batch_size: int = Field(ge=1)
 
@@ -118,6 +114,65 @@ class LRScaling(_Strict):
 _OPTIMIZERS = {"lars": LARSParams, "lamb": LAMBParams}
 _SCHEDULERS = {"warmuppolydecay": WarmupPolyDecayParams}
 _DS_LR_FIELDS = ("warmup_max_lr", "warmup_min_lr")
+Auto = Literal["auto"]
+"""transformers' and accelerate's placeholder, filled in from their own arguments."""
+
+
+class DeepSpeedOptimizerParams(JsonBlock):
+    """The common fields of DeepSpeed's (and torch's) optimizers; others pass through unchecked."""
+
+    model_config = ConfigDict(extra="allow")
+    lr: Union[Annotated[float, Field(gt=0)], Auto, None] = None
+    weight_decay: Union[Annotated[float, Field(ge=0)], Auto, None] = None
+    eps: Union[Annotated[float, Field(gt=0)], Auto, None] = None
+    momentum: Optional[float] = Field(None, ge=0, le=1)
+    betas: Union[tuple[float, float], Auto, None] = None
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if isinstance(v, tuple) and not all(0 <= b < 1 for b in v):
+            raise ValueError("must be two numbers in [0, 1)")
+        return v
+
+
+class DeepSpeedSchedulerParams(JsonBlock):
+    """The common fields of DeepSpeed's schedulers (WarmupLR, WarmupDecayLR, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    warmup_min_lr: Union[Annotated[float, Field(ge=0)], Auto, None] = None
+    warmup_max_lr: Union[Annotated[float, Field(gt=0)], Auto, None] = None
+    warmup_num_steps: Union[Annotated[int, Field(ge=0)], Auto, None] = None
+    total_num_steps: Union[Annotated[int, Field(ge=1)], Auto, None] = None
+    warmup_type: Optional[Literal["log", "linear"]] = None
+
+
+def _deepspeed_types(kind: str) -> tuple[list[str], list[str]]:
+    """The names DeepSpeed resolves for an optimizer or scheduler: its own (optimizers in any case),
+    then torch's classes by exact name."""
+    if kind == "optimizer":
+        from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS as own
+
+        module, base = torch.optim, torch.optim.Optimizer
+    else:
+        from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES as own
+
+        module, base = torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler
+    theirs = sorted(n for n, c in vars(module).items() if isinstance(c, type) and issubclass(c, base) and c is not base)
+    return list(own), theirs
+
+
+def _check_deepspeed_block(block: dict, kind: str, ours: list[str]) -> None:
+    """A block DeepSpeed will build: its type must be one DeepSpeed knows and its common numeric
+    fields in range, so that a typo fails here and not after the model and data are loaded."""
+    name = block["type"]
+    own, theirs = _deepspeed_types(kind)
+    if not ((name.lower() if kind == "optimizer" else name) in own or name in theirs):
+        raise ConfigError(f"{kind}.type={name!r}: unknown{did_you_mean(name, ours + own + theirs)}; allowed: "
+                          f"{', '.join(ours)} (conadv_ds), DeepSpeed's {', '.join(own)}, or a class of "
+                          f"{'torch.optim' if kind == 'optimizer' else 'torch.optim.lr_scheduler'}")
+    model = DeepSpeedOptimizerParams if kind == "optimizer" else DeepSpeedSchedulerParams
+    validate_block(model, block.get("params", {}), f"{kind}.params")
 
 
 def _block(ds: dict, key: str) -> Optional[dict]:
@@ -143,9 +198,13 @@ def prepare_ds_config(ds_config: dict, world_size: int) -> tuple[dict, Optional[
         validate_block(_OPTIMIZERS[opt["type"].lower()], opt_spec.get("params", {}), "optimizer.params")
         ds["zero_allow_untested_optimizer"] = True
         ds.setdefault("zero_force_ds_cpu_optimizer", False)  # ours runs on the CPU under ZeRO-Offload too
+    elif opt is not None:
+        _check_deepspeed_block(opt, "optimizer", ["LARS", "LAMB"])
     if sched is not None and sched["type"].lower() in _SCHEDULERS:
         sched_spec = ds.pop("scheduler")
         validate_block(_SCHEDULERS[sched["type"].lower()], sched_spec.get("params", {}), "scheduler.params")
+    elif sched is not None:
+        _check_deepspeed_block(sched, "scheduler", ["WarmupPolyDecay"])
     if scaling is not None:
         rule = validate_block(LRScaling, scaling, "lr_scaling")
         ratio = resolve_batch(ds, world_size)[0] / rule.reference_batch_size
