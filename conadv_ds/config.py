@@ -117,8 +117,17 @@ class ConAdvConfig(JsonBlock):
 
     @property
     def uses_lookahead(self) -> bool:
-        return (self.adversarial and self.schedule == "conadv" and self.staleness == 1
-                and self.stale_weights in ("auto", "lookahead"))
+        return self.stale_mechanism(whole_steps=True) == "lookahead"
+
+    def stale_mechanism(self, whole_steps: bool) -> Optional[Literal["lookahead", "snapshot", "split"]]:
+        """How old weights reach the attack (None: no old weights). Loops that hand over one
+        micro-batch at a time (`whole_steps=False`) cannot look ahead and use snapshots."""
+        if not self.adversarial or self.schedule == "disadv":
+            return None
+        if self.schedule == "split":
+            return "split"
+        lookahead = self.staleness == 1 and self.stale_weights in ("auto", "lookahead")
+        return "lookahead" if whole_steps and lookahead else "snapshot"
 
 
 def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> ConfigError:

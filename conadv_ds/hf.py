@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .objective import Objective, StepMetrics
 from .perturb import resolve_space
 from .schedule import build_schedule
+from .stale import check_zero_support
 
 
 def merge_conadv(explicit: Union[dict, str, None], deepspeed: Union[dict, str, None]) -> ConAdvConfig:
@@ -74,6 +75,7 @@ class ConAdvTrainingArguments(TrainingArguments):
         if isinstance(self.deepspeed, (str, Path, dict)):
             ds = load_json(self.deepspeed)
             ds.pop(CONADV_KEY, None)
+            check_zero_support(self.conadv_config, ds, whole_steps=False)
             self.deepspeed = ds
             _gloo_state_for_deepspeed_on_cpu(self)
         super().__post_init__()

@@ -17,6 +17,7 @@ from . import optim
 from .config import CONADV_KEY, ConAdvConfig, check_deepspeed, check_finite, load_json, parse_conadv
 from .errors import ConfigError
 from .split.layout import Layout, plan_layout
+from .stale import check_zero_support
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def resolve_config(config: Union[str, Path, dict], overrides: Optional[dict] = N
             raise
         raise ConfigError(f"{e} (schedule 'split': the world size is the {world} trainer ranks of "
                           f"{launch_size})") from None
+    check_zero_support(conadv, raw)
     ds, opt_spec, sched_spec = optim.prepare_ds_config(raw, world)
     return RunConfig(ds=ds, conadv=conadv, batch=BatchPlan(tb, micro, gas, world), layout=layout,
                      optimizer=opt_spec, scheduler=sched_spec, launch_size=launch_size)

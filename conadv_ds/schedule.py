@@ -197,13 +197,14 @@ def build_schedule(cfg: ConAdvConfig, space: Optional[Space], engine: Any, modul
     τ ≥ 1 then always uses snapshots (a lookahead needs the next step's batches)."""
     if not cfg.adversarial:
         return Clean()
-    if cfg.schedule == "split":
+    mechanism = cfg.stale_mechanism(whole_steps)
+    if mechanism == "split":
         from .split.trainer import Remote
 
         return Remote(engine, space, cfg.staleness)
     adversary = Adversary(module, space, cfg, loss_fn, rank=rank, autocast=autocast)
-    if cfg.schedule == "disadv":
+    if mechanism is None:
         return DisAdv(adversary)
-    if whole_steps and cfg.uses_lookahead:
+    if mechanism == "lookahead":
         return Lookahead(adversary)
     return Snapshot(adversary, cfg.staleness, stale_weights_for(engine))

@@ -14,6 +14,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from .config import ConAdvConfig
+from .errors import ConfigError
+
 Snapshot = list[Tensor]
 
 
@@ -113,6 +116,32 @@ def stale_weights_for(engine) -> _Replicated | _FlatPartitions | _Zero3Shards:
     if stage in (1, 2):
         return _FlatPartitions(engine)
     return _Zero3Shards(engine)
+
+
+def check_zero_support(cfg: ConAdvConfig, ds: dict, whole_steps: bool = True) -> None:
+    """Refuse, before DeepSpeed starts, the ZeRO-3 features whose weights the old-weight
+    mechanisms do not reach: ZeRO++ hpZ gathers from a secondary copy of each shard that a
+    snapshot does not swap (the attack would silently use the live weights), and parameter
+    offload keeps shards on the CPU or NVMe, where neither snapshots nor the split transport read
+    them."""
+    mechanism = cfg.stale_mechanism(whole_steps)
+    zero = ds.get("zero_optimization") or {}
+    if mechanism not in ("snapshot", "split") or zero.get("stage") != 3:
+        return
+    why = (f"conadv old weights by {mechanism}" + (" (the Trainer attacks one micro-batch at a time)"
+                                                    if not whole_steps else ""))
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    if mechanism == "snapshot" and hpz not in (None, 1):
+        raise ConfigError(f"zero_optimization.zero_hpz_partition_size={hpz}: not supported with {why}: ZeRO++ "
+                          "gathers from a secondary shard copy the snapshot does not swap; use 1, or staleness 1 "
+                          "with stale_weights 'lookahead' in the engine, or schedule 'split'")
+    device = (zero.get("offload_param") or {}).get("device", "none")
+    if zero.get("cpu_offload_param") is True:
+        device = "cpu"
+    if device not in (None, "none"):
+        raise ConfigError(f"zero_optimization.offload_param.device={device!r}: not supported with {why}: "
+                          "the ZeRO-3 shards live off the device; use 'none', or staleness 1 with stale_weights "
+                          "'lookahead' in the engine")
 
 
 def snapshot_bytes(snap: Snapshot) -> int:

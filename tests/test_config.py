@@ -73,6 +73,14 @@ BAD = [
      "scheduler.params.total_num_steps=100.0: must be an integer"),
     ({"scheduler": {"type": "WarmupPolyDecay", "params": {"total_num_steps": 10, "warmup_num_steps": -1}}}, 2,
      "scheduler.params.warmup_num_steps=-1"),
+    # ZeRO-3 features the old-weight mechanisms do not reach
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}, "conadv": {"staleness": 2}}, 2,
+     "zero_optimization.zero_hpz_partition_size=2: not supported with conadv old weights by snapshot"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}, "conadv": {"stale_weights": "snapshot"}},
+     2, "zero_optimization.offload_param.device='cpu': not supported with conadv old weights by snapshot"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}},
+      "conadv": {"schedule": "split", "attacker_ranks": 1}}, 3,
+     "zero_optimization.offload_param.device='nvme': not supported with conadv old weights by split"),
 ]
 
 GOOD = [
@@ -82,7 +90,20 @@ GOOD = [
     {"scheduler": {"type": "CosineAnnealingLR", "params": {"T_max": 5}}},
     {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10, "warmup_max_lr": 0.1}}},
     {"conadv": {"clip_range": [0, 1], "epsilon": 1}},
+    {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}, "conadv": {"staleness": 1}},  # lookahead
+    {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}, "conadv": {"schedule": "disadv",
+                                                                                      "staleness": 0}},
 ]
+
+
+def test_the_trainer_refuses_hpz_for_any_staleness():
+    """The Trainer hands over one micro-batch at a time: snapshots even at staleness 1."""
+    from conadv_ds.hf import ConAdvTrainingArguments
+
+    ds = {"train_batch_size": "auto", "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size=2: not supported with conadv old weights by "
+                                          r"snapshot \(the Trainer attacks one micro-batch at a time\)"):
+        ConAdvTrainingArguments(output_dir="unused", deepspeed=ds, conadv={"staleness": 1}, report_to=[])
 
 
 @pytest.mark.parametrize("patch", GOOD)
