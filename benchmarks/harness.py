@@ -49,3 +49,37 @@ def alternate(steps: dict[str, Callable[[], object]], rounds: int, warmup: int =
             if r >= warmup:
                 times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _storages(roots, stop: set[int]) -> dict[int, int]:
+    """{storage address: bytes} of every tensor reachable from `roots` through containers,
+    instances and tensor attributes (ZeRO-3's `ds_tensor`), not through modules, classes or
+    functions (their globals reach everything); objects whose id is in `stop` are not entered."""
+    import gc
+    import types
+
+    import torch
+
+    found, seen, todo = {}, set(stop), list(roots)
+    opaque = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.CodeType, str, bytes)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, opaque):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+            todo.extend(getattr(obj, "__dict__", {}).values())
+            continue
+        todo.extend(gc.get_referents(obj))
+    return found
+
+
+def held_bytes(obj, *owners) -> int:
+    """Measured bytes of tensor storage that `obj` keeps alive beyond what `owners` (the engine,
+    the data iterator) already hold: found by walking the object graph, independent of any
+    accounting `obj` does itself."""
+    base = _storages(owners, stop={id(obj)})
+    return sum(n for ptr, n in _storages([obj], stop=set()).items() if ptr not in base and ptr != 0)

@@ -183,7 +183,9 @@ class ConAdvEngine:
         return path, client or {}
 
     def stale_bytes(self) -> int:
-        """Bytes this rank holds for old weights (0 for lookahead and DisAdv)."""
+        """Bytes this rank holds for the schedule beyond a plain DeepSpeed step: old-weight shards
+        (snapshots), and the next step's micro-batches with their δ (lookahead, split); 0 for
+        DisAdv."""
         return self.schedule.extra_bytes()
 
 

@@ -28,7 +28,8 @@ from . import batch as B
 from .adversary import Adversary
 from .config import ConAdvConfig
 from .perturb import Space
-from .stale import snapshot_bytes, stale_weights_for
+from .stale import Snapshot as WeightSnapshot
+from .stale import stale_weights_for, tensor_bytes
 
 Attack = Callable[[B.Batch, int, int], Tensor]
 """attack(batch, step, micro) -> δ, with whatever weights are in the model."""
@@ -66,7 +67,7 @@ class Schedule(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
     def extra_bytes(self) -> int:
-        """Bytes this rank holds for old weights."""
+        """Bytes this rank holds beyond a plain step: old weights, and batches and δ pulled ahead."""
 
 
 class Clean:
@@ -123,6 +124,9 @@ class Lookahead(DisAdv):
         pending = state["pending"]
         self.pending = None if pending is None else (pending[0], None, pending[1])
 
+    def extra_bytes(self) -> int:
+        return 0 if self.pending is None else tensor_bytes(self.pending[2])
+
     def prepare(self, step: int, pull: Pull) -> Prepared:
         p = self.pending
         if p is not None and p[0] == step and (p[1] is None or p[1] is pull.source):
@@ -148,7 +152,7 @@ class Snapshot(DisAdv):
     def __init__(self, attack: Attack, staleness: int, stale):
         super().__init__(attack)
         self.tau, self.stale = staleness, stale
-        self.history: collections.OrderedDict[int, list[Tensor]] = collections.OrderedDict()  # step -> shards
+        self.history: collections.OrderedDict[int, WeightSnapshot] = collections.OrderedDict()
 
     def prepare(self, step: int, pull: Pull) -> Prepared:
         return self._attack(step, list(enumerate(pull())), last=True)
@@ -177,7 +181,7 @@ class Snapshot(DisAdv):
         return prepared
 
     def extra_bytes(self) -> int:
-        return sum(snapshot_bytes(s) for s in self.history.values())
+        return tensor_bytes(list(self.history.values()))
 
     def state_dict(self) -> dict:
         return {"history": dict(self.history)}

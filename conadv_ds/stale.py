@@ -1,9 +1,12 @@
 """Old weights for the attack, kept as each rank's own shard and swapped in for a forward.
 
 A snapshot holds exactly what a rank stores of the live weights: the full model under ZeRO-0,
-the rank's flat partition under ZeRO-1/2, the `ds_tensor` shards under ZeRO-3. `swapped`
-puts a snapshot in place for the attack forward and restores the live weights afterwards;
-optimizer state, gradients and master weights are never touched.
+the rank's flat partition under ZeRO-1/2, the `ds_tensor` shards under ZeRO-3; plus the
+module's buffers (BatchNorm running statistics), which every stage replicates. So the attack
+of step t sees the whole model as it was after step t-τ, running statistics included, exactly
+as a lookahead does (it attacks with the model in place). `swapped` puts a snapshot in place
+for the attack forward and restores the live state afterwards; optimizer state, gradients and
+master weights are never touched.
 """
 
 from __future__ import annotations
@@ -17,20 +20,22 @@ from torch import Tensor
 from .config import ConAdvConfig
 from .errors import ConfigError
 
-Snapshot = list[Tensor]
+Snapshot = dict[str, list[Tensor]]
+"""{"weights": this rank's parameter shards, "buffers": the module's buffers}."""
+Shards = list[Tensor]
 
 
 class _Replicated:
     """ZeRO-0 or plain data parallel: every rank holds the whole model, so the snapshot is a full copy."""
 
-    def __init__(self, module):
-        self.params = [p for p in module.parameters()]
+    def __init__(self, module, tensors=None):
+        self.params = list(module.parameters()) if tensors is None else list(tensors)
 
-    def capture(self) -> Snapshot:
+    def capture(self) -> Shards:
         return [p.detach().clone() for p in self.params]
 
     @contextmanager
-    def swapped(self, snap: Snapshot) -> Iterator[None]:
+    def swapped(self, snap: Shards) -> Iterator[None]:
         live = [p.data for p in self.params]
         for p, s in zip(self.params, snap):
             p.data = s
@@ -54,11 +59,11 @@ class _FlatPartitions:
         return [parts[dist.get_rank(group=self.opt.real_dp_process_group[i])]
                 for i, parts in enumerate(self.opt.parallel_partitioned_bit16_groups)]
 
-    def capture(self) -> Snapshot:
+    def capture(self) -> Shards:
         return [t.detach().clone() for t in self._own()]
 
     @contextmanager
-    def swapped(self, snap: Snapshot) -> Iterator[None]:
+    def swapped(self, snap: Shards) -> Iterator[None]:
         from deepspeed.runtime.utils import all_gather_dp_groups
 
         with torch.no_grad():
@@ -86,11 +91,11 @@ class _Zero3Shards:
         self.offload = engine.optimizer.parameter_offload
         self.persistent = engine.optimizer.persistent_parameters
 
-    def capture(self) -> Snapshot:
+    def capture(self) -> Shards:
         return [p.ds_tensor.detach().clone() for p in self.params]
 
     @contextmanager
-    def swapped(self, snap: Snapshot) -> Iterator[None]:
+    def swapped(self, snap: Shards) -> Iterator[None]:
         self.offload.partition_all_parameters()
         live = [p.ds_tensor.data for p in self.params]
         for p, s in zip(self.params, snap):
@@ -105,17 +110,30 @@ class _Zero3Shards:
                 self.persistent[0].all_gather(self.persistent)
 
 
-def stale_weights_for(engine) -> _Replicated | _FlatPartitions | _Zero3Shards:
+class StaleWeights:
+    """Parameter shards by the engine's mechanism, buffers as full copies (no stage shards them)."""
+
+    def __init__(self, weights: _Replicated | _FlatPartitions | _Zero3Shards, module):
+        self.weights = weights
+        self.buffers = _Replicated(module, tensors=module.buffers())
+
+    def capture(self) -> Snapshot:
+        return {"weights": self.weights.capture(), "buffers": self.buffers.capture()}
+
+    @contextmanager
+    def swapped(self, snap: Snapshot) -> Iterator[None]:
+        with self.weights.swapped(snap["weights"]), self.buffers.swapped(snap["buffers"]):
+            yield
+
+
+def stale_weights_for(engine) -> StaleWeights:
     """The snapshot mechanism matching a DeepSpeed engine's ZeRO stage; for anything else (a
     module, or DDP's wrapper around one) a full copy of the module's parameters."""
-    if not hasattr(engine, "zero_optimization_stage"):
-        return _Replicated(getattr(engine, "module", engine))
-    stage = engine.zero_optimization_stage()
+    module = getattr(engine, "module", engine)
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     if stage == 0:
-        return _Replicated(engine.module)
-    if stage in (1, 2):
-        return _FlatPartitions(engine)
-    return _Zero3Shards(engine)
+        return StaleWeights(_Replicated(module), module)
+    return StaleWeights(_FlatPartitions(engine) if stage in (1, 2) else _Zero3Shards(engine), module)
 
 
 def check_zero_support(cfg: ConAdvConfig, ds: dict, whole_steps: bool = True) -> None:
@@ -144,5 +162,18 @@ def check_zero_support(cfg: ConAdvConfig, ds: dict, whole_steps: bool = True) ->
                           "'lookahead' in the engine")
 
 
-def snapshot_bytes(snap: Snapshot) -> int:
-    return sum(t.numel() * t.element_size() for t in snap)
+def tensor_bytes(tree) -> int:
+    """Bytes of storage kept alive by the tensors in a nested structure (lists, tuples, dicts):
+    a view keeps its whole base alive, and a storage shared by several tensors counts once."""
+    storages: dict[int, int] = {}
+    todo = [tree]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, Tensor):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(t, dict):
+            todo.extend(t.values())
+        elif isinstance(t, (list, tuple)):
+            todo.extend(t)
+    return sum(n for ptr, n in storages.items() if ptr != 0)

@@ -92,15 +92,41 @@ def test_lookahead_equals_snapshot(runs, stage):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_stale_memory_per_rank(runs, stage):
-    """Lookahead keeps no weights; a snapshot is this rank's shard (full model only at ZeRO-0)."""
+def test_schedule_memory_is_what_is_measured(runs, stage):
+    """Every tensor a schedule holds is counted: the accounting equals the bytes found by walking
+    the schedule's object graph (beyond what DeepSpeed's engine holds). Lookahead holds the next
+    step's batches and their δ; a snapshot is this rank's shard (the full model at ZeRO-0) plus
+    the replicated buffers."""
     for rank in range(WORLD):
-        assert runs[rank][f"lookahead1/z{stage}"]["stale_bytes"] == 0
-        assert runs[rank][f"disadv/z{stage}"]["stale_bytes"] == 0
+        for case in ("disadv", "lookahead1", "snapshot1", "snapshot2"):
+            mem = runs[rank][f"{case}/z{stage}"]["memory"]
+            assert mem["accounted"] == mem["measured"], (case, mem)
+        assert runs[rank][f"disadv/z{stage}"]["memory"]["measured"] == 0
+        lookahead = runs[rank][f"lookahead1/z{stage}"]["memory"]
+        assert lookahead["measured"] == lookahead["one_step_with_delta"] > 0
         model = runs[rank][f"snapshot1/z{stage}"]["model_bytes"]
         per_copy = model if stage == 0 else 1.05 * model / WORLD
-        assert 0 < runs[rank][f"snapshot1/z{stage}"]["stale_bytes"] <= per_copy
-        assert runs[rank][f"snapshot2/z{stage}"]["stale_bytes"] <= 2 * per_copy
+        buffers = 4 * 1024  # SmallCNN's BatchNorm statistics, well under this
+        assert 0 < runs[rank][f"snapshot1/z{stage}"]["memory"]["measured"] <= per_copy + buffers
+        assert runs[rank][f"snapshot2/z{stage}"]["memory"]["measured"] <= 2 * (per_copy + buffers)
+
+
+@pytest.mark.parametrize("stage", (0, 2))
+@pytest.mark.parametrize("aux", (0, 1))
+def test_lookahead_equals_snapshot_with_running_statistics(runs, stage, aux):
+    """attack_bn 'eval': the attack reads BatchNorm running statistics, which a snapshot keeps
+    with the weights; lookahead and snapshot then give the same δ and the same weights."""
+    for rank in range(WORLD):
+        la = runs[rank][f"evalbn/aux{aux}/lookahead/z{stage}"]
+        sn = runs[rank][f"evalbn/aux{aux}/snapshot/z{stage}"]
+        assert la["deltas"].keys() == sn["deltas"].keys() and len(la["deltas"]) == STEPS
+        assert all(torch.equal(la["deltas"][k], sn["deltas"][k]) for k in la["deltas"])
+        assert all(torch.equal(a, b) for a, b in zip(la["params"], sn["params"]))
+    # controls: the running statistics matter (eval-mode δ differs from train-mode δ, and from the
+    # eval-mode δ through shared BatchNorm when the adversarial branch has its own statistics)
+    other = runs[0][f"lookahead1/z{stage}"] if aux == 0 else runs[0][f"evalbn/aux0/lookahead/z{stage}"]
+    ours = runs[0][f"evalbn/aux{aux}/lookahead/z{stage}"]
+    assert max((ours["deltas"][k] - other["deltas"][k]).abs().max().item() for k in ours["deltas"]) > 1e-6
 
 
 @pytest.mark.parametrize("stage", (0, 1))

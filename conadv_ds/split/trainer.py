@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import batch as B
 from ..errors import ConfigError
 from ..perturb import Space
+from ..stale import tensor_bytes
 from . import wire
 from .link import current_link
 from .shares import own_pieces
@@ -176,9 +177,10 @@ class Remote:
         self.outbox.wait()
 
     def extra_bytes(self) -> int:
-        """Bytes of weight copies held for the attackers: none on the CPU (the parameters are sent
-        as they are), this trainer's CPU-staged share on other devices."""
-        return sum(t.numel() * t.element_size() for t in self.staged)
+        """Bytes held for the attackers and from them: weight copies (none on the CPU, where the
+        parameters are sent as they are; this trainer's CPU-staged share on other devices), and
+        the micro-batches pulled ahead with the δ received for them."""
+        return tensor_bytes(self.staged) + tensor_bytes([(st.batches, st.deltas) for st in self.queue.values()])
 
     def state_dict(self) -> dict:
         """The micro-batches pulled ahead with their δ (waited for): a resumed run trains them

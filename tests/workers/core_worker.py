@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
+from benchmarks.harness import held_bytes  # noqa: E402
 from tests.common import (  # noqa: E402
     DETERMINISTIC,
     digits_batches,
@@ -45,10 +46,16 @@ def run_ours(stage, conadv, gas=1, zero=None, record=False, extra=None):
             return d
 
         engine.schedule.attack = recording
-    data = iter([rank_slice(mb, rank) for step in digits_batches(STEPS, gas) for mb in step])
-    metrics = [engine.train_batch(data) for _ in range(STEPS)]
-    return {"params": full_params(engine.module), "deltas": deltas, "metrics": metrics,
-            "stale_bytes": engine.stale_bytes(),
+    micro_batches = [rank_slice(mb, rank) for step in digits_batches(STEPS, gas) for mb in step]
+    data = (tuple(t.clone() for t in mb) for mb in micro_batches)  # fresh tensors, as a DataLoader gives
+    metrics, memory = [], {}
+    for step in range(STEPS):
+        metrics.append(engine.train_batch(data))
+        if step == 1:  # mid-run: a lookahead holds the next step's batches and their δ
+            memory = {"accounted": engine.stale_bytes(), "measured": held_bytes(engine.schedule, engine.ds, data),
+                      "one_step_with_delta": sum(2 * x.nbytes + y.nbytes
+                                                 for x, y in micro_batches[(step + 1) * gas:(step + 2) * gas])}
+    return {"params": full_params(engine.module), "deltas": deltas, "metrics": metrics, "memory": memory,
             "model_bytes": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                for p in engine.module.parameters()) * 4}
 
@@ -138,6 +145,11 @@ def main():
     for stage in (0, 3):
         results[f"auxbn/lookahead/z{stage}"] = run_ours(stage, {**la, "aux_bn": True})
         results[f"auxbn/snapshot/z{stage}"] = run_ours(stage, {**la, **sn, "aux_bn": True})
+    for stage in (0, 2):  # the attack reads BatchNorm running statistics: they must be the stale step's too
+        for aux in (False, True):
+            evalbn = {**la, "attack_bn": "eval", "aux_bn": aux}
+            results[f"evalbn/aux{int(aux)}/lookahead/z{stage}"] = run_ours(stage, evalbn, record=True)
+            results[f"evalbn/aux{int(aux)}/snapshot/z{stage}"] = run_ours(stage, {**evalbn, **sn}, record=True)
     results["grads_untouched/z0"] = grads_untouched(0)
     results["grads_untouched/z1"] = grads_untouched(1)
     rank = torch.distributed.get_rank()
