@@ -106,11 +106,14 @@ class DisAdv(Clean):
 
 class Lookahead(DisAdv):
     """τ = 1 without a weight copy. The pending batches belong to the iterator they came from:
-    a different iterator starts afresh (that one step is then attacked with w_t)."""
+    a different iterator starts afresh (that one step is then attacked with w_t), and so does
+    a step after the iterator ran dry; either is warned about once."""
 
     def __init__(self, attack: Attack):
         super().__init__(attack)
         self.pending: Optional[tuple[int, object, Prepared]] = None
+        self._dry_after: Optional[int] = None
+        """The step after which the data iterator had nothing more to pull ahead."""
         self._warned = False
 
     def attack_micro(self, step: int, micro: int, batch: B.Batch, last: bool) -> Optional[Tensor]:
@@ -127,20 +130,30 @@ class Lookahead(DisAdv):
     def extra_bytes(self) -> int:
         return 0 if self.pending is None else tensor_bytes(self.pending[2])
 
+    def _warn_once(self, step: int, why: str) -> None:
+        if not self._warned:
+            warnings.warn(f"conadv lookahead: {why}, so step {step} was attacked with the current weights "
+                          "(DisAdv), not the previous step's. Pass one iterator that lasts across steps and "
+                          "epochs, e.g. engine.train_batch(it) with it = iter(deepspeed.utils.RepeatingLoader("
+                          "loader)) made once, or initialize(training_data=...) and train_batch().", stacklevel=4)
+            self._warned = True
+
     def prepare(self, step: int, pull: Pull) -> Prepared:
         p = self.pending
         if p is not None and p[0] == step and (p[1] is None or p[1] is pull.source):
             current = p[2]
         else:
-            if p is not None and step > 0 and not self._warned:
-                warnings.warn("conadv lookahead: a new data iterator; its first step is attacked with the "
-                              "current weights. Keep one iterator across epochs for exact staleness.", stacklevel=3)
-                self._warned = True
+            if p is not None and step > 0:
+                self._warn_once(step, "a new data iterator took over from the one the next batches were pulled "
+                                      "from")
+            elif self._dry_after == step - 1:
+                self._warn_once(step, f"the data iterator of step {step - 1} had no further batches to pull ahead")
             current = super().prepare(step, pull)
-        self.pending = None
+        self.pending, self._dry_after = None, None
         try:
             upcoming = pull()
         except StopIteration:
+            self._dry_after = step
             return current
         self.pending = (step + 1, pull.source, [(b, self.attack(b, step + 1, i)) for i, b in enumerate(upcoming)])
         return current
