@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+IGNORE_INDEX = -100
+"""A label that is not counted (PyTorch's `cross_entropy` default, transformers' MLM padding)."""
+
 Batch = Any
 LossFn = Callable[[Any, Batch], Tensor]
 """loss_fn(model_output, batch) -> scalar loss."""
@@ -90,5 +93,5 @@ def correct(output: Any, batch: Batch, causal: bool = False) -> tuple[Tensor, Te
         zero = torch.zeros((), dtype=torch.int64, device=out.device)
         return zero, zero
     out, y = aligned(out, y, causal)
-    valid = y != -100
+    valid = y != IGNORE_INDEX
     return (out.argmax(dim=-1).eq(y) & valid).sum(), valid.sum()

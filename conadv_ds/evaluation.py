@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import pgd
+from .batch import IGNORE_INDEX
 from .bn import attack_bn_mode
 from .reduce import all_reduce_sum
 
@@ -16,13 +17,14 @@ from .reduce import all_reduce_sum
 @torch.no_grad()
 def _topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, logits.shape[-1])
-    return (logits.topk(k, dim=-1).indices == y[:, None]).any(dim=-1).sum()
+    return ((logits.topk(k, dim=-1).indices == y[:, None]).any(dim=-1) & (y != IGNORE_INDEX)).sum()
 
 
 def evaluate(module: nn.Module, loader, epsilon: float, steps: int, step_size: Optional[float] = None,
              device: torch.device = torch.device("cpu"), dtype: Optional[torch.dtype] = None) -> dict[str, float]:
     """Clean top-1/top-5 and robust top-1 under untargeted L∞ PGD (ε, steps; random start),
-    summed over ranks. The model is in eval mode throughout; its training mode is restored."""
+    summed over ranks. The model is in eval mode throughout; its training mode is restored.
+    Samples labelled `IGNORE_INDEX` (the padding of `data.vision.eval_loader`) are not counted."""
     was_training = module.training
     module.eval()
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, robust top1, n
@@ -36,12 +38,14 @@ def evaluate(module: nn.Module, loader, epsilon: float, steps: int, step_size: O
             counts[0] += _topk(logits, y, 1)
             counts[1] += _topk(logits, y, 5)
             if steps > 0 and epsilon > 0:
-                delta = pgd(lambda d, x=x, y=y: F.cross_entropy(module(x + d).float(), y), x, norm="linf",
+                # summed: a batch of padding only has a zero loss (a mean would be NaN); L∞ steps use the sign
+                delta = pgd(lambda d, x=x, y=y: F.cross_entropy(module(x + d).float(), y, reduction="sum"), x,
+                            norm="linf",
                             epsilon=epsilon,
                             step_size=alpha, steps=steps, start_random=True, generator=gen, clip_range=(0.0, 1.0))
                 with torch.no_grad():
                     counts[2] += _topk(module(x + delta).float(), y, 1)
-            counts[3] += len(y)
+            counts[3] += (y != IGNORE_INDEX).sum()
     module.train(was_training)
     top1, top5, robust, n = all_reduce_sum(counts).tolist()
     n = max(n, 1.0)

@@ -85,3 +85,19 @@ def test_empty_rows_of_a_saved_dataset(tmp_path):
     assert corpus.texts == ["one", "two"] and corpus.skipped == 2
     with pytest.raises(ConfigError, match=r"ds row 1: empty text"):
         text.read_corpus(dataset_dir=str(tmp_path / "ds"), strict=True)
+
+
+@pytest.mark.parametrize("n,world", [(7, 3), (33, 2), (2, 4), (8, 2)])
+def test_eval_shards_are_equal_and_count_every_sample_once(n, world):
+    """Compared with the plain index partition: the real samples of all shards are exactly
+    range(n); padding is labelled IGNORE_INDEX and makes every shard the same length."""
+    from torch.utils.data import TensorDataset
+
+    from conadv_ds.batch import IGNORE_INDEX
+    from conadv_ds.data.vision import PaddedShard
+
+    data = TensorDataset(torch.arange(n, dtype=torch.float32)[:, None], torch.arange(n))
+    shards = [PaddedShard(data, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == -(-n // world)
+    real = sorted(int(y) for s in shards for _, y in (s[i] for i in range(len(s))) if int(y) != IGNORE_INDEX)
+    assert real == list(range(n))

@@ -120,16 +120,32 @@ def test_the_engine_goes_through_the_objective(tmp_path):
     assert result["aa_branch"] and not result["plain_adv_branch_only"]
 
 
-def test_one_host_sync_per_step_and_collectives_on_the_device(tmp_path):
+@pytest.fixture(scope="module")
+def synced(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sync")
+    launch("sync_worker.py", "--out", str(d))
+    return json.loads((d / "result.json").read_text())
+
+
+def test_one_host_sync_per_step_and_collectives_on_the_device(synced):
     """Statistics stay on the device across micro-batches: ConAdv adds the same number of host
     syncs per optimizer step at gradient accumulation 1 and 4 (at most one: the metrics read),
     and every tensor handed to a
     collective during training and evaluation lives on the engine's device."""
-    launch("sync_worker.py", "--out", str(tmp_path))
-    r = json.loads((tmp_path / "result.json").read_text())
+    r = synced
     extra = {gas: r[f"ours_gas{gas}"] - r[f"raw_gas{gas}"] for gas in (1, 4)}
     assert extra[1] == extra[4] and extra[1] <= 1, r
     assert r["collective_devices"] == [r["engine_device"]], r
+
+
+def test_zero3_evaluation_on_uneven_shards(synced):
+    """33 images on 2 ranks under ZeRO-3: no hang (the launch would time out), every image counted
+    once and the padding not at all, the same accuracy as a plain copy of the model."""
+    uneven = synced["uneven_zero3"]
+    assert uneven["batches_per_rank"] == 3 and uneven["ours"]["n"] == 33
+    assert uneven["ours"]["top1"] * 33 == pytest.approx(uneven["plain_top1"])  # counts of correct images
+    assert uneven["ours"]["top5"] * 33 == pytest.approx(uneven["plain_top5"])
+    assert uneven["ours"]["robust_top1"] <= uneven["ours"]["top1"]
 
 
 def _with_branch(model, attr):

@@ -20,8 +20,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from ..batch import IGNORE_INDEX
 from ..errors import ConfigError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -212,7 +213,28 @@ def train_stream(dataset: Dataset, micro_batch: int, rank: int, world_size: int,
         epoch += 1
 
 
+class PaddedShard(Dataset):
+    """Rank r's items r, r+N, ... padded to ⌈len/N⌉ with copies of one item labelled
+    `IGNORE_INDEX`: every rank runs the same number of forwards (under ZeRO-3 each forward
+    gathers parameters with the other ranks: one more batch on one rank would wait forever),
+    and the padding is not counted."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        self.dataset = dataset
+        self.indices = range(rank, len(dataset), world_size)
+        self.length = -(-len(dataset) // world_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if i < len(self.indices):
+            return self.dataset[self.indices[i]]
+        x, y = self.dataset[self.indices[0] if len(self.indices) else 0]
+        return x, torch.as_tensor(IGNORE_INDEX) if isinstance(y, torch.Tensor) else IGNORE_INDEX
+
+
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0) -> DataLoader:
-    """Every held-out sample exactly once across ranks (rank r takes items r, r+N, ...)."""
-    shard = Subset(dataset, range(rank, len(dataset), world_size))
-    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
+    """Every held-out sample counted exactly once across ranks, in the same number of batches on
+    every rank (`PaddedShard`)."""
+    return DataLoader(PaddedShard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
