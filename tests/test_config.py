@@ -213,3 +213,19 @@ def test_max_micro_batch_errors():
     with pytest.raises(ConfigError, match=r"set it instead of train_micro_batch_size_per_gpu"):
         resolve_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8,
                         "max_train_micro_batch_size_per_gpu": 16}, launch_size=2)
+
+
+def test_aux_bn_after_the_optimizer_is_refused():
+    """The auxiliary BatchNorm parameters would never reach an optimizer built before them."""
+    import torch
+
+    import conadv_ds
+    from tests.common import make_model
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"conadv.aux_bn=true: the auxiliary BatchNorm parameters are added"):
+        conadv_ds.initialize(model=model, optimizer=optimizer, config={**BASE, "conadv": {"aux_bn": True}})
+    with pytest.raises(ConfigError, match=r"conadv.aux_bn=true"):
+        conadv_ds.initialize(model=model, model_parameters=list(model.parameters()),
+                             config={**BASE, "conadv": {"aux_bn": True}})

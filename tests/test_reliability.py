@@ -14,7 +14,9 @@ from tests.distributed import launch
 def resumed(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     launch("resume_worker.py", "--out", str(d / "r.pt"), "--ckpt", str(d / "ckpt"))
-    return [torch.load(d / f"r.pt.rank{r}", weights_only=False) for r in range(WORLD)]
+    results = [torch.load(d / f"r.pt.rank{r}", weights_only=False) for r in range(WORLD)]
+    one_rank = launch("resume_worker.py", "--ckpt", str(d / "ckpt"), "--try_load", nproc=1)
+    return results + [one_rank.stdout]
 
 
 @pytest.mark.parametrize("case", ["lookahead/z2", "snapshot2/z2", "lookahead/z3", "snapshot2/z3"])
@@ -31,6 +33,17 @@ def test_resume_without_conadv_state_would_differ(resumed):
     """Control: the ConAdv state in the checkpoint is what makes the resume exact."""
     for rank in range(WORLD):
         assert not resumed[rank]["lookahead/z2/without_state"]["equal"]
+
+
+def test_loading_another_run_is_one_line_naming_both_values(resumed):
+    """Saved with τ = 2 on 2 ranks: loading with τ = 1 (a `KeyError: 'pending'` deep inside the
+    schedule before), with schedule 'disadv', or on 1 rank names the field and both values."""
+    for rank in range(WORLD):
+        tau = resumed[rank]["load_tau1_from_tau2"]
+        assert "saved with conadv.staleness=2 but this run has 1" in tau and "\n" not in tau
+        disadv = resumed[rank]["load_disadv_from_tau2"]
+        assert "saved with conadv.schedule='conadv', conadv.staleness=2 but this run has 'disadv', 0" in disadv
+    assert "load error: " in resumed[WORLD] and "saved with world size=2 but this run has 1" in resumed[WORLD]
 
 
 def test_nonfinite_loss_aborts_with_a_clear_message(resumed):

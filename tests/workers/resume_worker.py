@@ -80,11 +80,25 @@ def nonfinite_case():
     return {"steps": steps, "message": None}
 
 
+def load_error(stage, conadv, ckpt_dir):
+    """The error of loading `ckpt_dir` into an engine with these settings (None: it loaded)."""
+    engine = engine_for(stage, conadv, seed=0)
+    try:
+        engine.load_checkpoint(ckpt_dir)
+    except conadv_ds.ConfigError as e:
+        return str(e)
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
     parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--try_load", action="store_true", help="load ckpt/sn2 with its own settings; print the error")
     args = parser.parse_args()
+    if args.try_load:
+        print(f"load error: {load_error(2, {'staleness': 2, **RANDOM_ATTACK}, f'{args.ckpt}/sn2')}", flush=True)
+        return
     results = {}
     for stage in (2, 3):
         results[f"lookahead/z{stage}"] = resume_case(stage, {"staleness": 1, **RANDOM_ATTACK},
@@ -94,6 +108,8 @@ def main():
     results["lookahead/z2/without_state"] = resume_case(2, {"staleness": 1, **RANDOM_ATTACK}, f"{args.ckpt}/nostate",
                                                         drop_state=True)
     results["nonfinite"] = nonfinite_case()
+    results["load_tau1_from_tau2"] = load_error(2, {"staleness": 1, **RANDOM_ATTACK}, f"{args.ckpt}/sn2")
+    results["load_disadv_from_tau2"] = load_error(2, {"schedule": "disadv", "staleness": 0, **RANDOM_ATTACK}, f"{args.ckpt}/sn2")
     torch.save(results, f"{args.out}.rank{torch.distributed.get_rank()}")
 
 
