@@ -1,7 +1,9 @@
 """What in-process ConAdv costs next to DisAdv, on 2 CPU ranks under ZeRO-3.
 
-- extra parameter memory per rank for old weights: lookahead (τ=1) keeps none; a sharded
-  snapshot keeps this rank's shard of each old version (goal <= 1.05 × model/N per copy);
+- memory each rank holds for the schedule, accounted (`stale_bytes()`) and measured (the tensor
+  storage reachable from the schedule and not from DeepSpeed's engine or the data iterator):
+  lookahead (τ=1) keeps the next step's batches and their δ, no weights; a sharded snapshot
+  keeps this rank's shard of each old version plus the buffers (goal <= 1.05 × model/N per copy);
 - step time of conadv (lookahead and snapshot) over disadv: in one process the work is the
   same (one attack per batch), so the ratio should be ≈ 1.0 — only the split schedule hides
   the attack's time.
@@ -11,7 +13,7 @@
 
 import argparse
 
-from harness import alternate, ensure_ranks, say
+from harness import alternate, ensure_ranks, held_bytes, say
 
 
 def main() -> None:
@@ -58,14 +60,18 @@ def main() -> None:
     share = model_bytes / dist.get_world_size()
     say(f"ZeRO-{args.stage}, resnet18 {args.image_size}px, micro-batch 16 (+16 adversarial), 2 ranks, "
         f"model {model_bytes / 2**20:.1f} MiB fp32, model/N {share / 2**20:.1f} MiB")
+    mine = {name: (e.stale_bytes(), held_bytes(e.schedule, e.ds, iters[name])) for name, e in engines.items()}
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, mine)
+    mib = 2 ** 20
     for name in engines:
-        extra = engines[name].stale_bytes()
-        say(f"  {name:22s} {t[name] * 1e3:7.1f} ms/step  stale weights on rank 0: {extra / 2**20:6.2f} MiB "
-            f"= {extra / share:.3f} × model/N")
+        cells = "  ".join(f"rank {r}: {m[name][1] / mib:6.2f} MiB measured ({m[name][0] / mib:6.2f} accounted)"
+                          for r, m in enumerate(per_rank))
+        say(f"  {name:22s} {t[name] * 1e3:7.1f} ms/step  {cells}  = {mine[name][1] / share:.3f} × model/N")
     say(f"conadv-lookahead/disadv={t['conadv-lookahead'] / t['disadv']:.3f} "
         f"conadv-snapshot/disadv={t['conadv-snapshot'] / t['disadv']:.3f} "
-        f"snapshot_bytes/(model/N)={engines['conadv-snapshot'].stale_bytes() / share:.3f} "
-        f"lookahead_bytes={engines['conadv-lookahead'].stale_bytes()}")
+        f"snapshot_bytes/(model/N)={mine['conadv-snapshot'][1] / share:.3f} "
+        f"lookahead_bytes/(batch+δ)={mine['conadv-lookahead'][1] / (2 * data[0][0].nbytes + data[0][1].nbytes):.3f}")
 
 
 if __name__ == "__main__":
