@@ -48,9 +48,9 @@ def main() -> None:
     data = [(torch.rand(16, 3, args.image_size, args.image_size, generator=g),
              torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
 
-    def stream():
+    def stream():  # fresh tensors per batch, as a DataLoader gives
         while True:
-            yield from data
+            yield from ((x.clone(), y.clone()) for x, y in data)
 
     iters = {name: stream() for name in engines}
     steps = {name: (lambda e=e, it=iters[name]: e.train_batch(it)) for name, e in engines.items()}
