@@ -80,16 +80,19 @@ def _micro_batch_plan(raw: dict, world: int) -> dict:
 
 
 def resolve_config(config: Union[str, Path, dict], overrides: Optional[dict] = None,
-                   launch_size: Optional[int] = None) -> RunConfig:
+                   launch_size: Optional[int] = None, defaults: Optional[dict] = None) -> RunConfig:
     """Validate everything that needs no model or data, once; one-line `ConfigError`s.
 
     `overrides` replace fields of the `conadv` block (CLI flags, a Trainer argument);
-    `launch_size` defaults to this launch's world size."""
+    `defaults` fill fields that neither sets (a recipe's own defaults, e.g. AutoAugment's
+    adv_weight) and do not switch ConAdv on by themselves; `launch_size` defaults to this launch's world size."""
     raw = load_json(config)
     check_finite(raw)
     block = raw.pop(CONADV_KEY, None)
-    if overrides:
-        block = {**block, **overrides} if isinstance(block, dict) else (overrides if block is None else block)
+    if block is not None and not isinstance(block, dict):
+        parse_conadv(block)  # the one-line error for a block that is not an object
+    if block is not None or overrides:  # defaults alone do not switch ConAdv on
+        block = {**(defaults or {}), **(block or {}), **(overrides or {})}
     conadv = parse_conadv(block)
     split = conadv.adversarial and conadv.schedule == "split"
     if launch_size is None:

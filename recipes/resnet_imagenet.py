@@ -102,11 +102,9 @@ def make_plan(args: argparse.Namespace, launch_size: Optional[int] = None) -> Pl
             recipe = recipe.model_copy(update={key: getattr(args, key)})
     if args.data_dir and args.dataset is None:
         recipe = recipe.model_copy(update={"dataset": "imagenet"})
-    overrides = parse_overrides(args.conadv)
-    block = raw.get("conadv") if isinstance(raw.get("conadv"), dict) else {}
-    if recipe.autoaugment and "adv_weight" not in {**block, **overrides}:
-        overrides["adv_weight"] = 1 / 3  # the official batch: clean, AutoAugment, adversarial, a third each
-    run = resolve_config(raw, overrides, launch_size)
+    # the official AutoAugment batch: clean, AutoAugment and adversarial copies, a third each
+    defaults = {"adv_weight": 1 / 3} if recipe.autoaugment else None
+    run = resolve_config(raw, parse_overrides(args.conadv), launch_size, defaults=defaults)
     if recipe.dataset == "imagenet" and not args.data_dir and not args.dry_run:
         raise ConfigError(f"{args.deepspeed_config}: dataset 'imagenet' needs --data_dir /path/to/imagenet "
                           f"(train/ and val/ class folders). Demo on the embedded data: {DEMO}; "

@@ -229,3 +229,16 @@ def test_aux_bn_after_the_optimizer_is_refused():
     with pytest.raises(ConfigError, match=r"conadv.aux_bn=true"):
         conadv_ds.initialize(model=model, model_parameters=list(model.parameters()),
                              config={**BASE, "conadv": {"aux_bn": True}})
+
+
+@pytest.mark.parametrize("block,overrides,expected", [
+    (None, None, None),                      # defaults alone do not switch ConAdv on
+    ({}, None, 0.3),                         # a block without the field takes the recipe's default
+    ({"adv_weight": 0.5}, None, 0.5),        # the JSON beats the default
+    ({"adv_weight": 0.5}, {"adv_weight": 0.7}, 0.7),  # a flag beats the JSON
+    (None, {"steps": 2}, 0.3),               # a flag switches it on, the default fills the rest
+])
+def test_recipe_defaults_rank_below_the_json_and_the_flags(block, overrides, expected):
+    cfg = {**BASE, **({} if block is None else {"conadv": block})}
+    run = resolve_config(cfg, overrides, launch_size=2, defaults={"adv_weight": 0.3})
+    assert (run.conadv.adv_weight if run.conadv.enabled else None) == expected
