@@ -171,8 +171,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
     overrides = parse_overrides(args.conadv)
     block = raw.get("conadv") if isinstance(raw.get("conadv"), dict) else {}
     if {**block, **overrides}.get("schedule") == "split":
-        raise ConfigError("conadv.schedule='split': this recipe runs clean, disadv and conadv; attacker ranks "
-                          "are available through conadv_ds.initialize and recipes/resnet_imagenet.py")
+        raise ConfigError("conadv.schedule='split': this recipe runs clean, disadv and conadv, because under "
+                          "accelerate every launched process is a data-parallel trainer (accelerate's process group "
+                          "and DeepSpeed's ZeRO world span them all); attacker ranks: conadv_ds.initialize, "
+                          "recipes/resnet_imagenet.py")
+    if use_deepspeed and (raw.get("zero_optimization") or {}).get("stage") == 3:
+        gather = "stage3_gather_16bit_weights_on_model_save"
+        if raw["zero_optimization"].setdefault(gather, True) is not True:
+            raise ConfigError(f"zero_optimization.{gather}={raw['zero_optimization'][gather]!r}: the final model is "
+                              "saved with save_pretrained, which needs it true under ZeRO-3 (zero3_save_16bit_model "
+                              "in the accelerate config)")
     run = resolve_config(raw, overrides, world)
     if run.conadv.adversarial and run.conadv.space == "pixel":
         raise ConfigError("conadv.space='pixel': this recipe perturbs word embeddings; set 'embedding' or 'auto'")
@@ -223,11 +231,13 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out, saves = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
     torch.manual_seed(args.seed)
-    launched = world > 1 and not torch.cuda.is_available()  # on CPU accelerate needs to be told gloo
+    launched = world > 1 and not torch.cuda.is_available()  # on CPU accelerate needs to be told gloo, and
+    # (without DeepSpeed) cpu=True, or it takes each process for a run of its own and never wraps in DDP
     # The accelerate config's DeepSpeed fields are in run.ds now (make_plan): accelerate's check
     # that a DeepSpeed JSON would make them ignored does not apply.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched else [],
+    accelerator = Accelerator(cpu=launched and not use_deepspeed,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched else [],
                               deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=run.ds) if use_deepspeed else None,
                               gradient_accumulation_steps=1 if use_deepspeed else gas)
     if not accelerator.is_main_process:

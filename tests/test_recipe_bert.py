@@ -81,6 +81,15 @@ def test_trains_and_reports_clean_and_adversarial_loss(runs, mode):
     assert re.search(r"weights_sha256=[0-9a-f]{64}", out)
 
 
+def test_ddp_averages_gradients_as_zero2_does(runs):
+    """Same JSON, data and seeds: plain DDP must follow ZeRO-2's losses (ranks that never
+    all-reduce would each follow their own half of the data)."""
+    losses = {m: [float(x) for x in re.findall(r"step \d/6 loss ([\d.]+)", runs[1][m])] for m in ("zero2", "ddp")}
+    evals = {m: float(re.search(r"eval final: mlm_loss ([\d.]+)", runs[1][m]).group(1)) for m in ("zero2", "ddp")}
+    assert losses["ddp"] == pytest.approx(losses["zero2"], abs=2e-4) and len(losses["ddp"]) == 3
+    assert evals["ddp"] == pytest.approx(evals["zero2"], abs=2e-4)
+
+
 @pytest.mark.parametrize("mode", ["zero2", "ddp"])
 def test_ranks_see_different_data(runs, mode):
     folder = runs[0] / mode
@@ -155,6 +164,7 @@ def test_dry_run_validates_without_a_launcher():
                      "--conadv", "schedule=split")
     assert split.returncode == 2 and split.stderr.count("\n") == 1
     assert split.stderr.startswith("error: conadv.schedule='split': this recipe runs clean, disadv and conadv")
+    assert "every launched process is a data-parallel trainer" in split.stderr
 
 
 def killed_after_first_checkpoint(out, launch_args, extra):
