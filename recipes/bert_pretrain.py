@@ -231,8 +231,9 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out, saves = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
     torch.manual_seed(args.seed)
-    launched = world > 1 and not torch.cuda.is_available()  # on CPU accelerate needs to be told gloo, and
-    # (without DeepSpeed) cpu=True, or it takes each process for a run of its own and never wraps in DDP
+    # On CPU accelerate needs to be told gloo and, without DeepSpeed, cpu=True: otherwise it takes
+    # each process for a run of its own and never wraps the model in DDP.
+    launched = world > 1 and not torch.cuda.is_available()
     # The accelerate config's DeepSpeed fields are in run.ds now (make_plan): accelerate's check
     # that a DeepSpeed JSON would make them ignored does not apply.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)

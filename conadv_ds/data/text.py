@@ -211,7 +211,7 @@ class MLMStream:
             self._order = ((phase, epoch), list(sampler))
         indices = self._order[1][batch * self.micro:(batch + 1) * self.micro]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.rank, self.position)) % (1 << 63))
+            torch.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.position) % (1 << 63))
             out = collate(_rows(dataset, indices))
         self.position += 1
         return out
