@@ -5,9 +5,19 @@
     accelerate launch --num_processes 2 recipes/bert_pretrain.py --deepspeed_config ds_configs/bert_demo.json \\
         --max_steps 30 --output_dir runs/bert_ddp                                 # plain DDP, same JSON
 
+    accelerate launch --config_file cfg.yaml recipes/bert_pretrain.py --deepspeed_config ds_configs/bert_demo.json
+
 The JSON's `conadv`, optimizer (LAMB), scheduler (WarmupPolyDecay) and `lr_scaling` blocks are
-read here; DeepSpeed gets the rest. δ lives on the word-embedding output (padding never
-perturbed) and, with τ = 1, is computed while the previous step's weights are in place.
+read here; DeepSpeed gets the rest, merged with the user's accelerate configuration (ZeRO stage,
+gradient accumulation, clipping, offload, mixed precision, zero3 init): a value set in only one
+of the two places is taken from there, one set differently in both is an error. δ lives on the
+word-embedding output (padding never perturbed) and, with τ = 1, is computed while the previous
+step's weights are in place.
+
+Checkpoints (`--save_interval`, and at the end) go to `<output_dir>/checkpoints/step<N>` through
+accelerate's `save_state` (weights, optimizer, the LR schedule, every process's RNG streams)
+plus each rank's data position and ConAdv state, written crash-safe as the engine's are
+(`conadv_ds.checkpoint`); `--resume` continues from the newest one bit for bit.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ class BertRecipe(BaseModel):
     max_steps: int = 100
     phase2_seq_length: Optional[int] = None
     phase2_steps: int = 0
+    max_predictions_per_seq: Optional[int] = None
     note: str = ""
 
 
@@ -58,13 +69,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_files", nargs="*", help="text files (one text per line)")
     p.add_argument("--dataset_dir", help="a `datasets` dataset saved with save_to_disk (column 'text')")
     p.add_argument("--strict_data", action="store_true", help="stop at the first empty line instead of skipping it")
+    p.add_argument("--cache_dir", help="datasets cache folder (default: datasets' own, HF_DATASETS_CACHE)")
+    p.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization and packing")
     p.add_argument("--max_seq_length", type=int)
+    p.add_argument("--max_predictions_per_seq", type=int, help="at most this many masked tokens per sequence "
+                   "(BERT's LAMB recipe: 20 at 128; phase 2 scales it by the length, 80 at 512)")
     p.add_argument("--phase2_seq_length", type=int, help="second phase sequence length (LAMB's 128 then 512)")
     p.add_argument("--phase2_steps", type=count)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--max_steps", type=count)
     p.add_argument("--output_dir", default="runs/bert")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir's newest checkpoint (if any)")
+    p.add_argument("--save_interval", type=count, default=0, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--save_total_limit", type=count, default=3,
+                   help="keep the newest N checkpoints (0: keep all); the latest is never deleted")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_interval", type=count, default=10)
     p.add_argument("--eval_interval", type=count, default=0, help="held-out evaluation every N steps (0: at the end)")
@@ -85,24 +103,84 @@ class Plan:
     """Launched by `accelerate launch --use_deepspeed` (else plain DDP or one process)."""
 
 
+ACCELERATE_DEEPSPEED = {  # accelerate config field: (the variable `accelerate launch` sets, DeepSpeed key, type)
+    "zero_stage": ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "zero_optimization.stage", int),
+    "gradient_accumulation_steps": ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", int),
+    "gradient_clipping": ("ACCELERATE_GRADIENT_CLIPPING", "gradient_clipping", float),
+    "offload_optimizer_device": ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+                                 "zero_optimization.offload_optimizer.device", str),
+    "offload_param_device": ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+                             "zero_optimization.offload_param.device", str),
+    "zero3_save_16bit_model": ("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL",
+                               "zero_optimization.stage3_gather_16bit_weights_on_model_save", bool),
+}
+
+
+def merge_accelerate_config(raw: dict, path: str, env=os.environ) -> None:
+    """Put the user's accelerate DeepSpeed settings (`accelerate config` YAML or launch flags,
+    which `accelerate launch` hands over as ACCELERATE_* variables) into the JSON's DeepSpeed
+    block, in place. Zero3 init is read by accelerate itself. A value the JSON sets differently
+    is a one-line error naming both; mixed precision must agree with the JSON's fp16/bf16."""
+    def parse(value: str, kind):
+        return value.lower() == "true" if kind is bool else kind(value)
+
+    for field, (var, key, kind) in ACCELERATE_DEEPSPEED.items():
+        if var not in env:
+            continue
+        value = parse(env[var], kind)
+        *parents, leaf = key.split(".")
+        node = raw
+        for k in parents:
+            node = node.setdefault(k, {})
+        ours = node.get(leaf, "auto")
+        if ours != "auto" and ours != value:
+            raise ConfigError(f"{field}={value!r} in the accelerate config but {key}={ours!r} in {path}; "
+                              "set it in one place")
+        node[leaf] = value
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    for dtype, on in (("fp16", precision == "fp16"), ("bf16", precision in ("bf16", "fp8"))):
+        ours = (raw.get(dtype) or {}).get("enabled", "auto")
+        if precision != "no" and ours != "auto" and bool(ours) != on:
+            raise ConfigError(f"mixed_precision={precision!r} in the accelerate config but {dtype}.enabled={ours!r} "
+                              f"in {path}; set it in one place")
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
-    path = args.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if use_deepspeed else None
+    if args.deepspeed_config and from_accelerate and Path(args.deepspeed_config).resolve() != \
+            Path(from_accelerate).resolve():
+        raise ConfigError(f"--deepspeed_config={args.deepspeed_config!r} but accelerate's deepspeed_config_file="
+                          f"{from_accelerate!r}; pass one of them")
+    path = args.deepspeed_config or from_accelerate
     if not path:
         raise ConfigError("no config: pass --deepspeed_config or launch with accelerate's --deepspeed_config_file")
-    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     world = args.world_size if args.dry_run and args.world_size else int(os.environ.get("WORLD_SIZE", 1))
     if world < 1:
         raise ConfigError(f"--world_size={world}: must be >= 1")
     raw = load_json(path)
     recipe = validate_block(BertRecipe, raw.pop("recipe", {}), "recipe")
-    for key in ("model_size", "max_seq_length", "max_steps", "phase2_seq_length", "phase2_steps"):
+    for key in ("model_size", "max_seq_length", "max_steps", "phase2_seq_length", "phase2_steps",
+                "max_predictions_per_seq"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(recipe, key))
+    if args.max_predictions_per_seq is not None and args.max_predictions_per_seq < 1:
+        raise ConfigError(f"--max_predictions_per_seq={args.max_predictions_per_seq}: must be >= 1")
+    if use_deepspeed and not from_accelerate:
+        merge_accelerate_config(raw, path)
     overrides = parse_overrides(args.conadv)
     block = raw.get("conadv") if isinstance(raw.get("conadv"), dict) else {}
     if {**block, **overrides}.get("schedule") == "split":
-        raise ConfigError("conadv.schedule='split': this recipe runs clean, disadv and conadv; attacker ranks "
-                          "are available through conadv_ds.initialize and recipes/resnet_imagenet.py")
+        raise ConfigError("conadv.schedule='split': this recipe runs clean, disadv and conadv, because under "
+                          "accelerate every launched process is a data-parallel trainer (accelerate's process group "
+                          "and DeepSpeed's ZeRO world span them all); attacker ranks: conadv_ds.initialize, "
+                          "recipes/resnet_imagenet.py")
+    if use_deepspeed and (raw.get("zero_optimization") or {}).get("stage") == 3:
+        gather = "stage3_gather_16bit_weights_on_model_save"
+        if raw["zero_optimization"].setdefault(gather, True) is not True:
+            raise ConfigError(f"zero_optimization.{gather}={raw['zero_optimization'][gather]!r}: the final model is "
+                              "saved with save_pretrained, which needs it true under ZeRO-3 (zero3_save_16bit_model "
+                              "in the accelerate config)")
     run = resolve_config(raw, overrides, world)
     if run.conadv.adversarial and run.conadv.space == "pixel":
         raise ConfigError("conadv.space='pixel': this recipe perturbs word embeddings; set 'embedding' or 'auto'")
@@ -132,13 +210,15 @@ def main(argv=None) -> None:
 
 
 def train(args: argparse.Namespace, plan: Plan) -> None:
+    import datasets
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import DeepSpeedPlugin
     from tqdm import tqdm
-    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+    from transformers import BertForMaskedLM
 
     from conadv_ds import batch as B
+    from conadv_ds import checkpoint as ckpt
     from conadv_ds import optim
     from conadv_ds.data import text
     from conadv_ds.fingerprint import weights_sha256
@@ -149,41 +229,37 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     run, use_deepspeed = plan.run, plan.use_deepspeed
     conadv, micro, gas = run.conadv, run.batch.micro_batch_per_rank, run.batch.gradient_accumulation_steps
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    out = Path(args.output_dir)
+    out, saves = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
     torch.manual_seed(args.seed)
-
-    corpus = text.read_corpus(args.train_files, args.dataset_dir, strict=args.strict_data)
-    texts = corpus.texts
-    if corpus.skipped and rank == 0:
-        print(f"skipped {corpus.skipped} empty lines of the corpus", flush=True)
-    train_texts, held_texts = text.train_heldout_split(texts)
-    if args.tokenizer_dir:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer_dir)
-    else:
-        tokenizer = text.train_tokenizer(train_texts, args.vocab_size, out / "tokenizer" if rank == 0 else None)
-    train_examples = text.PackedExamples(train_texts, tokenizer, args.max_seq_length)
-    if len(train_examples) < micro * gas * world:
-        raise ConfigError(f"train_batch_size={micro * gas * world} is larger than the corpus ({len(train_examples)} "
-                          f"sequences of {args.max_seq_length} tokens); point --train_files or --dataset_dir at a "
-                          "bigger corpus, or use ds_configs/bert_demo.json")
-    launched = world > 1 and not torch.cuda.is_available()  # on CPU accelerate needs to be told gloo
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched else [],
+    # On CPU accelerate needs to be told gloo and, without DeepSpeed, cpu=True: otherwise it takes
+    # each process for a run of its own and never wraps the model in DDP.
+    launched = world > 1 and not torch.cuda.is_available()
+    # The accelerate config's DeepSpeed fields are in run.ds now (make_plan): accelerate's check
+    # that a DeepSpeed JSON would make them ignored does not apply.
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    accelerator = Accelerator(cpu=launched and not use_deepspeed,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched else [],
                               deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=run.ds) if use_deepspeed else None,
                               gradient_accumulation_steps=1 if use_deepspeed else gas)
-    if args.model_dir:
-        model = BertForMaskedLM.from_pretrained(args.model_dir)
-    else:
-        hidden, layers, heads, inter = SIZES[args.model_size]
-        longest = max(args.max_seq_length, args.phase2_seq_length or 0)
-        model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                                           num_attention_heads=heads, intermediate_size=inter,
-                                           max_position_embeddings=longest, hidden_dropout_prob=args.dropout,
-                                           attention_probs_dropout_prob=args.dropout))
-    collate = text.collator(tokenizer)
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+    with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+        data = load_data(args, out, accelerator.is_main_process)
+    tokenizer, blocks = data["tokenizer"], data["blocks"]
+    if data["skipped"] and rank == 0:
+        print(f"skipped {data['skipped']} empty lines of the corpus", flush=True)
+    if len(blocks[args.max_seq_length]) < micro * gas * world:
+        raise ConfigError(f"train_batch_size={micro * gas * world} is larger than the corpus "
+                          f"({len(blocks[args.max_seq_length])} sequences of {args.max_seq_length} tokens); point "
+                          "--train_files or --dataset_dir at a bigger corpus, or use ds_configs/bert_demo.json")
+    model = BertForMaskedLM.from_pretrained(args.model_dir) if args.model_dir else new_model(args, len(tokenizer))
     optimizer = optim.build_optimizer(run.optimizer, model)
     scheduler = optim.build_scheduler(run.scheduler, optimizer) if run.scheduler else None
     # The scheduler stays ours: stepped once per optimizer step below (accelerate would step it
-    # once per process, DeepSpeed once per engine step: neither is the schedule's unit).
+    # once per process, DeepSpeed once per engine step: neither is the schedule's unit); it is
+    # registered so that save_state / load_state carry it.
+    if scheduler is not None:
+        accelerator.register_for_checkpointing(scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     engine = accelerator.deepspeed_engine_wrapped.engine if use_deepspeed else model
     if use_deepspeed:
@@ -197,24 +273,52 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         print("conadv config: " + json.dumps(conadv.model_dump(), sort_keys=True), flush=True)
-        print(f"{'deepspeed' if use_deepspeed else 'ddp'} on {world} ranks, {len(train_texts)} texts, "
-              f"vocab {len(tokenizer)}, {sum(p.numel() for p in module.parameters()) / 1e6:.2f}M parameters",
-              flush=True)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())  # ZeRO-3: partitioned
+        print(f"{'deepspeed' if use_deepspeed else 'ddp'} on {world} ranks, {data['texts']} texts, "
+              f"vocab {len(tokenizer)}, {params / 1e6:.2f}M parameters", flush=True)
 
-    def stream_for(seq_len: int):
-        examples = train_examples if seq_len == args.max_seq_length else text.PackedExamples(train_texts, tokenizer,
-                                                                                             seq_len)
-        return text.mlm_stream(examples, micro, rank, world, args.seed, collate)
+    phase2_from = args.max_steps - args.phase2_steps if args.phase2_seq_length else None
+    phases = [(blocks[args.max_seq_length], collator(args, tokenizer, args.max_seq_length), 0)]
+    if phase2_from is not None:
+        phases.append((blocks[args.phase2_seq_length], collator(args, tokenizer, args.phase2_seq_length),
+                       phase2_from * gas))
+    stream = text.MLMStream(phases, micro, rank, world, args.seed)
+    held = text.masked_batches(data["held"], 32, collator(args, tokenizer, args.max_seq_length), seed=1)
+    identity = {"conadv": conadv.model_dump(), "world_size": world}
 
-    held = text.masked_batches(text.PackedExamples(held_texts, tokenizer, args.max_seq_length), 32, collate, seed=1)
-    state_file = out / "trainer_state.json"
+    def save(step: int) -> None:
+        """accelerate's save_state plus this rank's data position and ConAdv state (pending
+        lookahead batches and δ, or old-weight shards: different on every rank, which
+        register_for_checkpointing's one main-process copy cannot hold), into `<tag>.partial`,
+        published once every rank is done (as ConAdvEngine.save_checkpoint)."""
+        tag = f"step{step}"
+        if accelerator.is_main_process:
+            ckpt.recover(saves)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(saves / f"{tag}{ckpt.PARTIAL}"))
+        ckpt.atomic_save({"step": step, "data": stream.state_dict(), "schedule": schedule.state_dict(), **identity},
+                         saves / f"{tag}{ckpt.PARTIAL}" / f"conadv_rank{rank}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.publish(saves, tag)
+            ckpt.prune(saves, args.save_total_limit or None)
+        accelerator.wait_for_everyone()
+
     start_step = 0
-    if args.resume and state_file.is_file():
-        accelerator.load_state(str(out / "checkpoint"))
-        start_step = json.loads(state_file.read_text())["step"]
-    stream = stream_for(args.max_seq_length)
-    for _ in range(start_step * gas):
-        next(stream)
+    if args.resume:
+        if accelerator.is_main_process:
+            ckpt.recover(saves)
+        accelerator.wait_for_everyone()
+        tag = ckpt.read_latest(saves)
+        if tag is not None:
+            state = torch.load(saves / tag / f"conadv_rank{rank}.pt", map_location="cpu", weights_only=False)
+            ckpt.check_same_run(state, identity, str(saves / tag))
+            accelerator.load_state(str(saves / tag))
+            schedule.load_state_dict(B.to_device(state["schedule"], accelerator.device))
+            stream.load_state_dict(state["data"])
+            start_step = state["step"]
+            if rank == 0:
+                print(f"resumed from {saves / tag}", flush=True)
 
     def forward(batch):
         output = model(**batch)
@@ -223,15 +327,13 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     records = {"weights": [], "steps": []}
     stats = StepMetrics()
     bar = tqdm(total=args.max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
-    t0, phase2_from = time.time(), args.max_steps - args.phase2_steps if args.phase2_seq_length else None
+    t0, tokens = time.time(), 0
+    pull = Pull(lambda: [B.to_device(next(stream), accelerator.device) for _ in range(gas)], stream)
     for step in range(start_step, args.max_steps):
-        if phase2_from is not None and step == phase2_from:
-            stream = stream_for(args.phase2_seq_length)
         if step < args.record_deltas:
             records["weights"].append(_full_state(module))
         start = time.perf_counter()
-        batches = schedule.prepare(step, Pull(lambda source=stream: [B.to_device(next(source), accelerator.device)
-                                                                     for _ in range(gas)], stream))
+        batches = schedule.prepare(step, pull)
         for batch, delta in batches:
             with accelerator.accumulate(model):
                 micro_step = objective(forward, batch, delta)
@@ -239,6 +341,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
                 optimizer.step()
                 optimizer.zero_grad()
             stats.add(micro_step.stats)
+            tokens += int(batch["attention_mask"].sum())
         if scheduler is not None:
             scheduler.step()
         if step < args.record_deltas:
@@ -251,21 +354,71 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
             parts = " ".join(f"{k} {m[k]:.4f}" for k in ("loss", "clean_loss", "adv_loss") if k in m)
             bar.write(f"step {step + 1}/{args.max_steps} {parts} lr {lr:.4g} "
                       f"samples/s {micro * gas * world / (time.perf_counter() - start):.0f}")
+        if args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < args.max_steps:
+            save(step + 1)
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and step + 1 < args.max_steps:
             evaluate(module, held, space, eval_attack, accelerator, f"step {step + 1}")
     bar.close()
+    elapsed = time.time() - t0
     evaluate(module, held, space, eval_attack, accelerator, "final")
-    accelerator.save_state(str(out / "checkpoint"))
+    if start_step < args.max_steps:
+        save(args.max_steps)
     sha = weights_sha256(module)
     state = accelerator.get_state_dict(model)
     if args.record_deltas:  # every rank: its own batches; the weights are the same everywhere
         torch.save({**records, "config": module.config.to_dict(), "conadv": conadv.model_dump()},
                    out / f"deltas_rank{rank}.pt")
     if rank == 0:
-        state_file.write_text(json.dumps({"step": args.max_steps}))
         module.save_pretrained(str(out / "model"), state_dict=state)
-        print(f"trained {args.max_steps - start_step} steps in {time.time() - t0:.0f} s", flush=True)
+        print(f"trained {args.max_steps - start_step} steps in {elapsed:.1f} s, "
+              f"{tokens / max(elapsed, 1e-9):.0f} tokens/s per rank; checkpoint {saves / f'step{args.max_steps}'}",
+              flush=True)
         print(f"weights_sha256={sha}", flush=True)
+
+
+def load_data(args: argparse.Namespace, out: Path, main: bool) -> dict:
+    """Corpus, tokenizer and packed blocks through `datasets` (cached: run first by the main
+    process, then by the others, which read its cache). The WordPiece trainer is not
+    deterministic, so only the main process trains the tokenizer (into `<output_dir>/tokenizer`,
+    which a resumed run reuses) and the other ranks load it."""
+    from transformers import PreTrainedTokenizerFast
+
+    from conadv_ds.data import text
+
+    corpus = text.read_corpus(args.train_files, args.dataset_dir, strict=args.strict_data, cache_dir=args.cache_dir)
+    train_texts, held_texts = text.train_heldout_split(corpus.dataset)
+    saved = out / "tokenizer"
+    if args.tokenizer_dir:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer_dir)
+    elif main and not (args.resume and saved.is_dir()):
+        tokenizer = text.train_tokenizer(train_texts, args.vocab_size, saved)
+    else:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(saved))
+    lengths = {args.max_seq_length, args.phase2_seq_length or args.max_seq_length}
+    blocks = {n: text.tokenize_and_group(train_texts, tokenizer, n, args.preprocessing_num_workers) for n in lengths}
+    held = text.tokenize_and_group(held_texts, tokenizer, args.max_seq_length, args.preprocessing_num_workers)
+    return {"tokenizer": tokenizer, "blocks": blocks, "held": held, "texts": len(train_texts),
+            "skipped": corpus.skipped}
+
+
+def collator(args: argparse.Namespace, tokenizer, seq_len: int):
+    """Masking for sequences of `seq_len` tokens; the cap on predictions scales with the length."""
+    from conadv_ds.data import text
+
+    cap = args.max_predictions_per_seq
+    return text.MaskedLM(tokenizer, max_predictions=None if cap is None else
+                         max(1, round(cap * seq_len / args.max_seq_length)))
+
+
+def new_model(args: argparse.Namespace, vocab_size: int):
+    from transformers import BertConfig, BertForMaskedLM
+
+    hidden, layers, heads, inter = SIZES[args.model_size]
+    longest = max(args.max_seq_length, args.phase2_seq_length or 0)
+    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=heads, intermediate_size=inter,
+                                      max_position_embeddings=longest, hidden_dropout_prob=args.dropout,
+                                      attention_probs_dropout_prob=args.dropout))
 
 
 def _full_state(module) -> list:

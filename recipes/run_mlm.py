@@ -16,9 +16,9 @@ local checkpoint (`--model_name_or_path`).
 
 import sys
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Optional
 
+from conadv_ds.data.text import group_texts
 from conadv_ds.hf import ConAdvTrainer, ConAdvTrainingArguments
 
 
@@ -82,16 +82,11 @@ def main(argv: Optional[list[str]] = None) -> ConAdvTrainer:
     def tokenize(examples):
         return tokenizer([t for t in examples["text"] if t.strip()], return_special_tokens_mask=True)
 
-    def group_texts(examples):
-        """Concatenate and cut into blocks of `block` tokens, as run_mlm.py does."""
-        joined = {k: list(chain(*examples[k])) for k in examples}
-        total = (len(joined["input_ids"]) // block) * block
-        return {k: [t[i:i + block] for i in range(0, total, block)] for k, t in joined.items()}
-
     with training_args.main_process_first(desc="tokenize and group"):
         tokenized = raw.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
                             remove_columns=["text"])
-        grouped = tokenized.map(group_texts, batched=True, num_proc=data_args.preprocessing_num_workers)
+        grouped = tokenized.map(group_texts, batched=True, num_proc=data_args.preprocessing_num_workers,
+                                fn_kwargs={"block_size": block})
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
     trainer = ConAdvTrainer(model=model, args=training_args, train_dataset=grouped["train"],
                             eval_dataset=grouped.get("validation"), data_collator=collator)

@@ -70,10 +70,10 @@ def test_empty_text_lines_are_counted_and_skipped(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("first line\n\n   \nsecond line\n")
     b.write_text("\nthird line")
-    corpus = text.read_corpus([str(a), str(b)])
-    assert corpus.texts == ["first line", "second line", "third line"] and corpus.skipped == 3
+    corpus = text.read_corpus([str(a), str(b)], cache_dir=str(tmp_path / "cache"))
+    assert list(corpus.dataset["text"]) == ["first line", "second line", "third line"] and corpus.skipped == 3
     with pytest.raises(ConfigError) as err:
-        text.read_corpus([str(a), str(b)], strict=True)
+        text.read_corpus([str(a), str(b)], strict=True, cache_dir=str(tmp_path / "cache"))
     assert str(err.value) == f"{a}:2: empty text; remove it or run without strict_data to skip empty lines"
 
 
@@ -82,7 +82,7 @@ def test_empty_rows_of_a_saved_dataset(tmp_path):
 
     Dataset.from_dict({"text": ["one", "", None, "two"]}).save_to_disk(str(tmp_path / "ds"))
     corpus = text.read_corpus(dataset_dir=str(tmp_path / "ds"))
-    assert corpus.texts == ["one", "two"] and corpus.skipped == 2
+    assert list(corpus.dataset["text"]) == ["one", "two"] and corpus.skipped == 2
     with pytest.raises(ConfigError, match=r"ds row 1: empty text"):
         text.read_corpus(dataset_dir=str(tmp_path / "ds"), strict=True)
 
@@ -101,3 +101,52 @@ def test_eval_shards_are_equal_and_count_every_sample_once(n, world):
     assert len({len(s) for s in shards}) == 1 and len(shards[0]) == -(-n // world)
     real = sorted(int(y) for s in shards for _, y in (s[i] for i in range(len(s))) if int(y) != IGNORE_INDEX)
     assert real == list(range(n))
+
+
+def _arrow_files(folder):
+    return sorted(folder.rglob("*.arrow"))
+
+
+def test_tokenized_blocks_are_run_mlm_packing_and_cached(tmp_path):
+    """Blocks equal a plain tokenizer + concatenate-and-cut per 1000-text batch (run_mlm.py); a
+    second pass with a reloaded tokenizer writes no new cache file and returns the cached blocks."""
+    from transformers import PreTrainedTokenizerFast
+
+    lines = text.embedded_corpus()[:1500]
+    (tmp_path / "a.txt").write_text("\n".join(lines[:1200]) + "\n\n")
+    (tmp_path / "b.txt").write_text("\n".join(lines[1200:]))
+    cache = tmp_path / "cache"
+    tok = text.train_tokenizer(lines, 1000, tmp_path / "tok")
+    corpus = text.read_corpus([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], cache_dir=str(cache))
+    blocks = text.tokenize_and_group(corpus.dataset, tok, 64)
+    expected = []
+    for i in range(0, len(lines), 1000):
+        ids = [t for seq in tok(lines[i:i + 1000])["input_ids"] for t in seq]
+        expected += [ids[j:j + 64] for j in range(0, len(ids) // 64 * 64, 64)]
+    assert corpus.skipped == 1 and list(blocks["input_ids"]) == expected
+    assert blocks.cache_files and all(str(cache) in f["filename"] for f in blocks.cache_files)
+    files = _arrow_files(cache)
+    again = text.tokenize_and_group(text.read_corpus([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                                                     cache_dir=str(cache)).dataset,
+                                    PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok")), 64)
+    assert _arrow_files(cache) == files and again.cache_files == blocks.cache_files
+
+
+def test_max_predictions_per_seq_caps_the_masked_tokens(tmp_path):
+    """Capped masking keeps a subset of what transformers' collator picks with the same RNG, at most
+    the cap per sequence; every other position carries its original token and no label."""
+    from transformers import DataCollatorForLanguageModeling
+
+    tok = text.train_tokenizer(text.embedded_corpus()[:400], 1000)
+    rows = [{"input_ids": ids} for ids in text.group_texts(tok(text.embedded_corpus()[:400]), 128)["input_ids"][:16]]
+    original = torch.tensor([r["input_ids"] for r in rows])
+    torch.manual_seed(3)
+    plain = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, return_tensors="pt")(rows)
+    torch.manual_seed(3)
+    capped = text.MaskedLM(tok, max_predictions=5)(rows)
+    picked, kept = plain["labels"] != -100, capped["labels"] != -100
+    assert (picked.sum(1) > 5).any()  # the cap has something to do
+    assert torch.equal(kept.sum(1), picked.sum(1).clamp(max=5)) and not (kept & ~picked).any()
+    assert torch.equal(capped["labels"][kept], original[kept])
+    assert torch.equal(capped["input_ids"][~kept], original[~kept])
+    assert torch.equal(capped["input_ids"][kept], plain["input_ids"][kept])

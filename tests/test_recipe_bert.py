@@ -1,12 +1,19 @@
 """BERT MLM pretraining with embedding-space ConAdv through `accelerate launch` on 2 CPU ranks:
 DeepSpeed ZeRO-2, ZeRO-3 and plain DDP; δ checked against an attack written here from the
-explicitly saved weights of the previous step."""
+explicitly saved weights of the previous step; a run killed with SIGKILL after a checkpoint and
+resumed ends with the weights of an uninterrupted run; the user's accelerate YAML configures
+DeepSpeed beside the JSON."""
 
+import contextlib
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 
@@ -14,39 +21,58 @@ from tests.distributed import ROOT, free_port
 
 RECIPE = ROOT / "recipes" / "bert_pretrain.py"
 EPS, STEP = 1.0, 0.5  # ds_configs/bert_demo*.json
-
-
-def accelerate(out, *launch_args, extra=()):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
-           str(free_port()), *launch_args, str(RECIPE), "--max_steps", "4", "--log_interval", "2",
-           "--output_dir", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+STEPS = 6
+cfg = lambda name: str(ROOT / "ds_configs" / name)  # noqa: E731
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def shared(tmp_path_factory):
+    """One tokenizer for every run (WordPiece training is not deterministic) and one datasets cache."""
+    from conadv_ds.data import text
+
+    d = tmp_path_factory.mktemp("bert_shared")
+    text.train_tokenizer(text.embedded_corpus(), 3000, d / "tokenizer")
+    return ("--tokenizer_dir", str(d / "tokenizer"), "--cache_dir", str(d / "cache"))
+
+
+def command(out, launch_args, extra, config_file=None):
+    head = ["--config_file", str(config_file)] if config_file else ["--num_processes", "2"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *head, "--main_process_port", str(free_port()),
+            *launch_args, str(RECIPE), "--max_steps", str(STEPS), "--log_interval", "2", "--save_interval", "2",
+            "--output_dir", str(out), *extra]
+
+
+def accelerate(out, *launch_args, extra=(), config_file=None, check=True):
+    proc = subprocess.run(command(out, launch_args, extra, config_file), capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc.stdout
+    return proc
+
+
+MODES = {  # launch arguments, recipe flags
+    "zero2": (("--use_deepspeed", "--deepspeed_config_file", cfg("bert_demo.json")), ("--record_deltas", "1")),
+    "zero3": (("--use_deepspeed", "--deepspeed_config_file", cfg("bert_demo_zero3.json")),
+              ("--record_deltas", "3", "--dropout", "0", "--conadv", "clean_start_prob=1.0")),
+    "ddp": (("--multi_gpu",), ("--deepspeed_config", cfg("bert_demo.json"), "--record_deltas", "1")),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shared):
     d = tmp_path_factory.mktemp("bert")
-    cfg = lambda name: str(ROOT / "ds_configs" / name)  # noqa: E731
-    return d, {
-        "zero2": accelerate(d / "z2", "--use_deepspeed", "--deepspeed_config_file", cfg("bert_demo.json"),
-                            extra=("--record_deltas", "1")),
-        "zero3": accelerate(d / "z3", "--use_deepspeed", "--deepspeed_config_file", cfg("bert_demo_zero3.json"),
-                            extra=("--record_deltas", "3", "--dropout", "0", "--conadv", "clean_start_prob=1.0")),
-        "ddp": accelerate(d / "ddp", "--multi_gpu", extra=("--deepspeed_config", cfg("bert_demo.json"),
-                                                           "--record_deltas", "1")),
-    }
+    return d, {mode: accelerate(d / mode, *launch, extra=(*flags, *shared)) for mode, (launch, flags) in MODES.items()}
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3", "ddp"])
 def test_trains_and_reports_clean_and_adversarial_loss(runs, mode):
     out = runs[1][mode]
-    steps = re.findall(r"step (\d)/4 loss ([\d.]+) clean_loss ([\d.]+) adv_loss ([\d.]+) lr ([\d.e-]+)", out)
-    assert [s[0] for s in steps] == ["2", "4"]
+    steps = re.findall(r"step (\d)/6 loss ([\d.]+) clean_loss ([\d.]+) adv_loss ([\d.]+) lr ([\d.e-]+)", out)
+    assert [s[0] for s in steps] == ["2", "4", "6"]
     # WarmupPolyDecay, 10 warmup steps to 0.01, stepped once per optimizer step on every launcher
-    assert [float(s[4]) for s in steps] == pytest.approx([0.002, 0.004])
+    assert [float(s[4]) for s in steps] == pytest.approx([0.002, 0.004, 0.006])
     for _, loss, clean, adv, _ in steps:
         assert float(adv) > float(clean) > 0 and float(loss) == pytest.approx((float(clean) + float(adv)) / 2, abs=2e-4)
     m = re.search(r"eval final: mlm_loss ([\d.]+) masked_acc ([\d.]+) adv_mlm_loss ([\d.]+)", out)
@@ -55,9 +81,18 @@ def test_trains_and_reports_clean_and_adversarial_loss(runs, mode):
     assert re.search(r"weights_sha256=[0-9a-f]{64}", out)
 
 
+def test_ddp_averages_gradients_as_zero2_does(runs):
+    """Same JSON, data and seeds: plain DDP must follow ZeRO-2's losses (ranks that never
+    all-reduce would each follow their own half of the data)."""
+    losses = {m: [float(x) for x in re.findall(r"step \d/6 loss ([\d.]+)", runs[1][m])] for m in ("zero2", "ddp")}
+    evals = {m: float(re.search(r"eval final: mlm_loss ([\d.]+)", runs[1][m]).group(1)) for m in ("zero2", "ddp")}
+    assert losses["ddp"] == pytest.approx(losses["zero2"], abs=2e-4) and len(losses["ddp"]) == 3
+    assert evals["ddp"] == pytest.approx(evals["zero2"], abs=2e-4)
+
+
 @pytest.mark.parametrize("mode", ["zero2", "ddp"])
 def test_ranks_see_different_data(runs, mode):
-    folder = runs[0] / {"zero2": "z2", "ddp": "ddp"}[mode]
+    folder = runs[0] / mode
     ids = [torch.load(folder / f"deltas_rank{r}.pt", weights_only=False)["steps"][0]["batch"]["input_ids"]
            for r in (0, 1)]
     assert ids[0].shape == ids[1].shape and not torch.equal(ids[0], ids[1])
@@ -84,7 +119,7 @@ def reference_delta(config: dict, weights: list, batch: dict) -> torch.Tensor:
 
 
 def test_delta_comes_from_the_previous_steps_weights(runs):
-    rec = torch.load(runs[0] / "z3" / "deltas_rank0.pt", weights_only=False)
+    rec = torch.load(runs[0] / "zero3" / "deltas_rank0.pt", weights_only=False)
     assert len(rec["weights"]) == 3 and len(rec["steps"]) == 3
     for t in range(3):
         batch, delta = rec["steps"][t]["batch"], rec["steps"][t]["delta"]
@@ -93,16 +128,6 @@ def test_delta_comes_from_the_previous_steps_weights(runs):
         if t == 2:  # the live weights would have given another δ: staleness is real (lr is 0 at step 0)
             assert not all(torch.equal(a, b) for a, b in zip(rec["weights"][1], rec["weights"][2]))
             assert not torch.allclose(delta, reference_delta(rec["config"], rec["weights"][t], batch), atol=1e-5)
-
-
-def test_padding_positions_get_zero_delta(runs):
-    rec = torch.load(runs[0] / "z3" / "deltas_rank0.pt", weights_only=False)
-    padded = 0
-    for s in rec["steps"]:
-        pad = s["batch"]["attention_mask"] == 0
-        padded += int(pad.sum())
-        assert (s["delta"][pad] == 0).all() and (s["delta"][~pad].abs().sum(-1) > 0).all()
-    assert padded > 0
 
 
 def test_offline_tokenizer_round_trips(tmp_path):
@@ -139,3 +164,85 @@ def test_dry_run_validates_without_a_launcher():
                      "--conadv", "schedule=split")
     assert split.returncode == 2 and split.stderr.count("\n") == 1
     assert split.stderr.startswith("error: conadv.schedule='split': this recipe runs clean, disadv and conadv")
+    assert "every launched process is a data-parallel trainer" in split.stderr
+
+
+def killed_after_first_checkpoint(out, launch_args, extra):
+    """Start the run; as soon as a checkpoint is published, SIGKILL the launcher and its ranks
+    (which torch's elastic agent starts in sessions of their own)."""
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command(out, launch_args, extra), stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                env=ENV, cwd=ROOT)
+        latest, deadline = out / "checkpoints" / "latest", time.monotonic() + 300
+        while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        launcher = psutil.Process(proc.pid)
+        for p in [*launcher.children(recursive=True), launcher]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert latest.is_file(), log.read_text()[-3000:]
+    return log.read_text()
+
+
+KILL_CASES = {"zero2-tau1": ("zero2", 1), "zero3-tau1": ("zero3", 1), "zero2-tau2": ("zero2", 2),
+              "zero3-tau2": ("zero3", 2)}
+
+
+@pytest.mark.parametrize("case", KILL_CASES)
+def test_killed_and_resumed_run_ends_bit_identical(runs, shared, tmp_path, case):
+    mode, tau = KILL_CASES[case]
+    launch, flags = MODES[mode]
+    flags = (*flags, *shared, "--conadv", f"staleness={tau}")
+    # τ = 1 is the configs' own staleness (the `runs` fixture); τ = 2 gets its own uninterrupted run
+    reference = runs[1][mode] if tau == 1 else accelerate(tmp_path / "whole", *launch, extra=flags)
+    died = killed_after_first_checkpoint(tmp_path / "run", launch, flags)
+    assert "weights_sha256" not in died
+    resumed = accelerate(tmp_path / "run", *launch, extra=(*flags, "--resume"))
+    assert re.search(r"resumed from .*checkpoints/step[24]\n", resumed)
+    sha = lambda out: re.findall(r"weights_sha256=([0-9a-f]{64})", out)  # noqa: E731
+    assert sha(resumed) == sha(reference) and len(sha(reference)) == 1
+    saved = (tmp_path / "run" / "checkpoints" / "checkpoints").read_text().split()
+    assert saved == ["step2", "step4", "step6"] and (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step6"
+
+
+YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  gradient_accumulation_steps: 2
+  gradient_clipping: 0.5
+  offload_optimizer_device: cpu
+  offload_param_device: none
+  zero3_init_flag: true
+mixed_precision: bf16
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+use_cpu: false
+"""
+
+
+def test_accelerate_yaml_config_is_the_configuration(shared, tmp_path):
+    ours = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
+    del ours["zero_optimization"], ours["gradient_accumulation_steps"], ours["gradient_clipping"]
+    ours.update(train_batch_size=64, zero_force_ds_cpu_optimizer=False)  # micro 16 × accumulation 2 × 2 ranks
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    (tmp_path / "cfg.yaml").write_text(YAML)
+    out = accelerate(tmp_path / "out", config_file=tmp_path / "cfg.yaml",
+                     extra=("--deepspeed_config", str(tmp_path / "ours.json"), *shared))
+    assert re.search(r"step 6/6 loss [\d.]+ clean_loss [\d.]+ adv_loss [\d.]+ lr 0.006 ", out)  # ours: LAMB, schedule
+    states = tmp_path / "out" / "checkpoints" / "step6" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    ran = torch.load(states, map_location="cpu", weights_only=False)["ds_config"]  # what DeepSpeed ran with
+    assert ran["zero_optimization"]["stage"] == 3 and ran["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ran["gradient_accumulation_steps"] == 2 and ran["gradient_clipping"] == 0.5
+    assert ran["bf16"]["enabled"] is True and ran["train_batch_size"] == 64 and "optimizer" not in ran
+
+    ours["zero_optimization"] = {"stage": 2}
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    bad = accelerate(tmp_path / "bad", config_file=tmp_path / "cfg.yaml", check=False,
+                     extra=("--deepspeed_config", str(tmp_path / "ours.json"), *shared))
+    assert bad.returncode != 0 and "conadv config:" not in bad.stdout
+    assert (f"error: zero_stage=3 in the accelerate config but zero_optimization.stage=2 in {tmp_path / 'ours.json'}; "
+            "set it in one place\n") in bad.stderr

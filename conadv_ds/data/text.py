@@ -1,4 +1,6 @@
-"""Masked-LM text pipeline: corpus, an offline WordPiece tokenizer, packed examples, collation.
+"""Masked-LM text pipeline on `datasets`: the corpus, an offline WordPiece tokenizer,
+tokenization and packing (cached by `datasets`, so the main process does it once and every
+other rank and every later run reads the cache), masking, and each rank's micro-batch stream.
 
 The embedded default corpus is real English that ships with Python itself: the help-topic
 documentation in the standard library's `pydoc_data.topics` (about 80,000 words).
@@ -6,11 +8,14 @@ documentation in the standard library's `pydoc_data.topics` (about 80,000 words)
 
 from __future__ import annotations
 
+import hashlib
+import os
+from itertools import chain
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from ..errors import ConfigError
 
@@ -18,7 +23,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def embedded_corpus() -> list[str]:
-    """Paragraphs of the Python help topics, in a fixed order."""
+    """Paragraphs of the Python help topics, in a fixed order (one line each: whitespace collapsed)."""
     from pydoc_data.topics import topics
 
     paragraphs = []
@@ -28,59 +33,91 @@ def embedded_corpus() -> list[str]:
 
 
 class Corpus(NamedTuple):
-    texts: list[str]
+    dataset: Any
+    """A `datasets.Dataset` with one column, 'text', empty rows left out."""
     skipped: int
     """Empty lines (or rows) left out."""
 
 
-def read_corpus(train_files: Optional[Sequence[str]] = None, dataset_dir: Optional[str] = None,
-                text_column: str = "text", strict: bool = False) -> Corpus:
-    """Lines of text files, the `text_column` of a `datasets` dataset saved with `save_to_disk`,
-    or the embedded corpus. Empty lines are counted and left out; with `strict`, the first one
-    is a one-line error naming the file and line (or row)."""
+def _nonempty(texts: list) -> list[bool]:
+    return [bool(t and t.strip()) for t in texts]
 
-    def keep(items, where) -> Corpus:
-        texts, skipped = [], 0
-        for i, t in enumerate(items, 1):
-            if t and t.strip():
-                texts.append(t.strip())
-            elif strict:
-                raise ConfigError(f"{where(i)}: empty text; remove it or run without strict_data to skip empty lines")
-            else:
-                skipped += 1
-        return Corpus(texts, skipped)
+
+def read_corpus(train_files: Optional[Sequence[str]] = None, dataset_dir: Optional[str] = None,
+                text_column: str = "text", strict: bool = False, cache_dir: Optional[str] = None) -> Corpus:
+    """Text files through `load_dataset("text", …)` (one text a line), the `text_column` of a
+    dataset saved with `save_to_disk`, or the embedded corpus (written once as a text file under
+    `cache_dir`, so it takes the same cached path). Empty lines are counted and left out; with
+    `strict`, the first one is a one-line error naming the file and line (or row)."""
+    import datasets
 
     if dataset_dir:
         if not Path(dataset_dir).is_dir():
             raise ConfigError(f"--dataset_dir={dataset_dir!r}: not found")
-        from datasets import load_from_disk
-
-        ds = load_from_disk(dataset_dir)
+        ds = datasets.load_from_disk(dataset_dir)
         if hasattr(ds, "keys"):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
         if text_column not in ds.column_names:
             raise ConfigError(f"--dataset_dir={dataset_dir!r}: no column '{text_column}'; has {ds.column_names}")
-        return keep(ds[text_column], lambda i: f"{dataset_dir} row {i - 1}")
-    if train_files:
-        for f in train_files:
+        parts = [(ds.select_columns([text_column]), lambda i: f"{dataset_dir} row {i}")]
+    else:
+        files = list(train_files or [])
+        for f in files:
             if not Path(f).is_file():
                 raise ConfigError(f"--train_files: {f!r} not found")
-        parts = [keep(Path(f).read_text(errors="replace").splitlines(), lambda i, f=f: f"{f}:{i}")
-                 for f in train_files]
-        return Corpus([t for p in parts for t in p.texts], sum(p.skipped for p in parts))
-    return Corpus(embedded_corpus(), 0)
+        if not files:
+            files = [str(_embedded_file(Path(cache_dir or datasets.config.HF_DATASETS_CACHE)))]
+        loaded = datasets.load_dataset("text", data_files={f"file{i}": f for i, f in enumerate(files)},
+                                       cache_dir=cache_dir)
+        parts = [(loaded[f"file{i}"], lambda i, f=f: f"{f}:{i + 1}") for i, f in enumerate(files)]
+    kept, total = [], 0
+    for ds, where in parts:
+        full, total = ds, total + len(ds)
+        ds = ds.filter(_nonempty, input_columns=text_column, batched=True, desc="drop empty lines")
+        if strict and len(ds) < len(full):
+            first = _nonempty(full[text_column]).index(False)
+            raise ConfigError(f"{where(first)}: empty text; remove it or run without strict_data to skip empty lines")
+        kept.append(ds)
+    dataset = datasets.concatenate_datasets(kept) if len(kept) > 1 else kept[0]
+    if text_column != "text":
+        dataset = dataset.rename_column(text_column, "text")
+    return Corpus(dataset, total - len(dataset))
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, save_dir: Optional[Path] = None):
-    """A BERT-style uncased WordPiece tokenizer trained offline on `texts` (seconds)."""
+def _embedded_file(cache_dir: Path) -> Path:
+    """The embedded corpus as a text file named by its content (written atomically, once)."""
+    body = "\n".join(embedded_corpus()) + "\n"
+    path = cache_dir / "conadv_ds" / f"pydoc_topics_{hashlib.sha256(body.encode()).hexdigest()[:16]}.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(body)
+        os.replace(tmp, path)
+    return path
+
+
+def train_heldout_split(dataset, held_out: float = 0.05) -> tuple[Any, Any]:
+    """Deterministic train / held-out split of a `datasets.Dataset`: every k-th text is held out."""
+    k = max(2, round(1 / held_out))
+    keep = lambda _, indices, held: [(i % k == 0) == held for i in indices]  # noqa: E731
+    return (dataset.filter(keep, with_indices=True, batched=True, fn_kwargs={"held": False}, desc="train split"),
+            dataset.filter(keep, with_indices=True, batched=True, fn_kwargs={"held": True}, desc="held-out split"))
+
+
+def train_tokenizer(texts: Iterable, vocab_size: int, save_dir: Optional[Path] = None):
+    """A BERT-style uncased WordPiece tokenizer trained offline (seconds) on `texts`: strings,
+    or a `datasets.Dataset` with a 'text' column (read in batches)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if hasattr(texts, "iter"):
+        texts = (batch["text"] for batch in texts.iter(batch_size=1000))
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                             show_progress=False))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
                                                                                                  ("[SEP]", sep)])
@@ -91,61 +128,104 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, save_dir: Optional[Pa
     return fast
 
 
-class PackedExamples(Dataset):
-    """Consecutive texts packed greedily into sequences of at most `max_len` tokens
-    ([CLS] a [SEP] b [SEP] ...); a text longer than a sequence is cut."""
-
-    def __init__(self, texts: Sequence[str], tokenizer, max_len: int):
-        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-        self.examples: list[list[int]] = []
-        current = [cls]
-        for piece in ids:
-            piece = piece[:max_len - 2]
-            if len(current) + len(piece) + 1 > max_len:
-                self.examples.append(current)
-                current = [cls]
-            current += piece + [sep]
-        if len(current) > 1:
-            self.examples.append(current)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.examples[i]}
+def group_texts(examples: dict, block_size: int) -> dict:
+    """transformers' run_mlm.py packing: a batch of tokenized texts concatenated and cut into
+    blocks of `block_size` tokens, the remainder dropped."""
+    joined = {k: list(chain(*examples[k])) for k in examples}
+    total = (len(joined["input_ids"]) // block_size) * block_size
+    return {k: [t[i:i + block_size] for i in range(0, total, block_size)] for k, t in joined.items()}
 
 
-def collator(tokenizer, mlm_probability: float = 0.15):
-    """Pads to the longest sequence (attention mask 0 on padding) and masks 15% of the tokens."""
-    from transformers import DataCollatorForLanguageModeling
-
-    return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability,
-                                           return_tensors="pt")
+def _tokenize(examples: dict, tokenizer) -> dict:
+    return tokenizer(examples["text"], return_special_tokens_mask=True)
 
 
-def mlm_stream(dataset: Dataset, micro_batch: int, rank: int, world: int, seed: int, collate) -> Iterator[dict]:
-    """This rank's micro-batches, epoch after epoch, as one iterator (exact lookahead across epochs)."""
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate, drop_last=True)
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def tokenize_and_group(dataset, tokenizer, max_len: int, num_proc: Optional[int] = None):
+    """Tokenize every text ([CLS] … [SEP], with the special-tokens mask so masking never picks
+    them) and pack into `max_len`-token blocks (`group_texts`), both with `map(batched=True)`.
+    `datasets` caches each map next to the corpus' own cache files, under a fingerprint of the
+    corpus, the tokenizer's JSON and `max_len` (its own hash of a tokenizer object differs from
+    one instance to the next): a second call (another rank, a later run) reads the cache."""
+    key = hashlib.sha256(f"{dataset._fingerprint} {tokenizer.backend_tokenizer.to_str()}".encode()).hexdigest()[:16]
+    tokenized = dataset.map(_tokenize, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
+                            fn_kwargs={"tokenizer": tokenizer}, new_fingerprint=f"tokenize-{key}", desc="tokenize")
+    return tokenized.map(group_texts, batched=True, num_proc=num_proc, fn_kwargs={"block_size": max_len},
+                         new_fingerprint=f"pack{max_len}-{key}", desc=f"pack into {max_len}-token blocks")
 
 
-def train_heldout_split(texts: Sequence[str], held_out: float = 0.05) -> tuple[list[str], list[str]]:
-    """Deterministic train / held-out split: every k-th text is held out."""
-    k = max(2, round(1 / held_out))
-    return [t for i, t in enumerate(texts) if i % k], [t for i, t in enumerate(texts) if not i % k]
+def _rows(dataset, indices: Sequence[int]) -> list[dict]:
+    columns = dataset[list(indices)]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def masked_batches(dataset: Dataset, batch_size: int, collate, seed: int) -> list[dict]:
+class MaskedLM:
+    """transformers' `DataCollatorForLanguageModeling` (15% of the tokens picked; of those 80%
+    [MASK], 10% a random token, 10% kept), with at most `max_predictions` picked per sequence
+    (BERT's max_predictions_per_seq: 20 at sequence 128, 80 at 512): a sequence with more keeps
+    a random `max_predictions` of them, the others get their token back and no label."""
+
+    def __init__(self, tokenizer, mlm_probability: float = 0.15, max_predictions: Optional[int] = None):
+        from transformers import DataCollatorForLanguageModeling
+
+        self.collate = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability,
+                                                       return_tensors="pt")
+        self.max_predictions = max_predictions
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        if self.max_predictions is not None:
+            ids, labels = batch["input_ids"], batch["labels"]
+            for row in range(labels.shape[0]):
+                picked = (labels[row] != -100).nonzero().flatten()
+                if len(picked) > self.max_predictions:
+                    back = picked[torch.randperm(len(picked))[self.max_predictions:]]
+                    ids[row, back] = labels[row, back]
+                    labels[row, back] = -100
+        return batch
+
+
+class MLMStream:
+    """This rank's micro-batches as one endless iterator: DistributedSampler's order (shuffled
+    anew each epoch from `seed`), every batch masked from a seed of its own (seed, rank,
+    position). The stream is a function of its position alone, so `state_dict()` is that
+    position and a resumed stream continues exactly without replaying or collating the batches
+    before it. `phases` is [(dataset, collate, first position), …]: the dataset (sequence length)
+    changes inside the one iterator, so batches a schedule pulls ahead cross a switch exactly."""
+
+    def __init__(self, phases: Sequence[tuple[Any, Any, int]], micro_batch: int, rank: int, world: int, seed: int):
+        self.phases, self.micro, self.rank, self.world = list(phases), micro_batch, rank, world
+        self.seed, self.position = seed, 0
+        self._order: tuple[tuple[int, int], list[int]] = ((-1, -1), [])
+
+    def __iter__(self) -> "MLMStream":
+        return self
+
+    def __next__(self) -> dict:
+        phase = max(i for i, (*_, first) in enumerate(self.phases) if first <= self.position)
+        dataset, collate, first = self.phases[phase]
+        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.seed,
+                                     drop_last=True)
+        epoch, batch = divmod(self.position - first, len(sampler) // self.micro)
+        if self._order[0] != (phase, epoch):
+            sampler.set_epoch(epoch)
+            self._order = ((phase, epoch), list(sampler))
+        indices = self._order[1][batch * self.micro:(batch + 1) * self.micro]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.position) % (1 << 63))
+            out = collate(_rows(dataset, indices))
+        self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def masked_batches(dataset, batch_size: int, collate, seed: int) -> list[dict]:
     """The held-out set, masked once with a fixed seed so every evaluation sees the same masks."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    batches = [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-               for i in range(0, len(dataset), batch_size)]
-    torch.set_rng_state(state)
-    return batches
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [collate(_rows(dataset, range(i, min(i + batch_size, len(dataset)))))
+                for i in range(0, len(dataset), batch_size)]
