@@ -1,7 +1,7 @@
 """Saves a checkpoint, then dies by SIGKILL in the middle of the next save (--kill_in; same_tag:
 the next save re-writes the same tag and dies between moving the old folder aside and moving the
-new one in), or (--verify DIR...) loads each folder's latest checkpoint and checks it is the
-complete first one."""
+new one in), or (--verify DIR...) loads each folder's latest checkpoint and writes, per rank, whether it is
+the complete first one."""
 
 import argparse
 import os
@@ -47,8 +47,9 @@ def main():
             expected = torch.load(os.path.join(d, f"expected_rank{engine.global_rank}.pt"))
             got = [p.detach() for p in engine.module.parameters()]
             same = engine.global_steps == 2 and all(torch.equal(a, b) for a, b in zip(expected, got))
-            verdict = "verified" if same else "WRONG"
-            print(f"rank {engine.global_rank}: {verdict} checkpoint {ckpt.read_latest(d)} in {d}", flush=True)
+            verdict = "verified" if same else f"WRONG (step {engine.global_steps})"
+            with open(os.path.join(d, f"verdict_rank{engine.global_rank}.txt"), "w") as f:
+                f.write(f"{verdict} checkpoint {ckpt.read_latest(d)}")
         return
     engine, *_ = conadv_ds.initialize(model=make_model(), config=ds_config(2, 1, {"staleness": 1}))
     data = iter([rank_slice(mb, engine.global_rank) for step in digits_batches(6) for mb in step])
