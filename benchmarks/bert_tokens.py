@@ -1,13 +1,16 @@
 """Tokens/s per rank of recipes/bert_pretrain.py on 2 CPU ranks (accelerate launch, DeepSpeed
 ZeRO-2): clean, in-process ConAdv (τ = 1) and split (1 trainer + 1 attacker), launched one after
 another and `--rounds` times in turn, so that machine noise hits all of them alike; prints the
-medians side by side with their ratio to clean. A variant the recipe refuses is shown with the
-recipe's one-line reason.
+medians side by side with their ratio to clean. Every training rank runs micro-batches of 16
+(`ds_configs/bert_demo.json` without its train_batch_size): 2 trainers for clean and in-process
+ConAdv, the 1 trainer of split, whose second rank attacks. A variant the recipe refuses is shown
+with the recipe's one-line reason.
 
     python benchmarks/bert_tokens.py [--model_size mini] [--steps 12] [--rounds 2]
 """
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -34,7 +37,7 @@ def free_port() -> int:
 def launch(args, out: Path, flags) -> tuple[float | None, str]:
     """tokens/s per rank from the recipe's closing line, or None and the recipe's error."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
-           str(free_port()), "--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / "bert_demo.json"),
+           str(free_port()), "--use_deepspeed", "--deepspeed_config_file", str(args.config),
            str(ROOT / "recipes" / "bert_pretrain.py"), "--model_size", args.model_size, "--max_steps", str(args.steps),
            "--log_interval", str(args.steps), "--output_dir", str(out), "--tokenizer_dir", str(args.tokenizer),
            "--cache_dir", str(args.cache), *flags]
@@ -57,7 +60,10 @@ def main() -> None:
     from conadv_ds.data import text
 
     work = Path(tempfile.mkdtemp(prefix="bert_tokens_"))
-    args.tokenizer, args.cache = work / "tokenizer", work / "cache"
+    args.tokenizer, args.cache, args.config = work / "tokenizer", work / "cache", work / "per_rank.json"
+    config = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
+    del config["train_batch_size"]  # micro-batch 16 per training rank, however many train
+    args.config.write_text(json.dumps(config))
     text.train_tokenizer(text.embedded_corpus(), 3000, args.tokenizer)
     rates: dict[str, list[float]] = {k: [] for k in VARIANTS}
     refused: dict[str, str] = {}

@@ -14,6 +14,9 @@ of the two places is taken from there, one set differently in both is an error. 
 word-embedding output (padding never perturbed) and, with τ = 1, is computed while the previous
 step's weights are in place.
 
+With `"schedule": "split"` the last `attacker_ranks` launched ranks attack (embedding-space δ of
+step t+τ from the trainers' w_t) instead of training; they need `--tokenizer_dir` or `--model_dir`.
+
 Checkpoints (`--save_interval`, and at the end) go to `<output_dir>/checkpoints/step<N>` through
 accelerate's `save_state` (weights, optimizer, the LR schedule, every process's RNG streams)
 plus each rank's data position and ConAdv state, written crash-safe as the engine's are
@@ -169,12 +172,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if use_deepspeed and not from_accelerate:
         merge_accelerate_config(raw, path)
     overrides = parse_overrides(args.conadv)
-    block = raw.get("conadv") if isinstance(raw.get("conadv"), dict) else {}
-    if {**block, **overrides}.get("schedule") == "split":
-        raise ConfigError("conadv.schedule='split': this recipe runs clean, disadv and conadv, because under "
-                          "accelerate every launched process is a data-parallel trainer (accelerate's process group "
-                          "and DeepSpeed's ZeRO world span them all); attacker ranks: conadv_ds.initialize, "
-                          "recipes/resnet_imagenet.py")
     if use_deepspeed and (raw.get("zero_optimization") or {}).get("stage") == 3:
         gather = "stage3_gather_16bit_weights_on_model_save"
         if raw["zero_optimization"].setdefault(gather, True) is not True:
@@ -182,6 +179,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
                               "saved with save_pretrained, which needs it true under ZeRO-3 (zero3_save_16bit_model "
                               "in the accelerate config)")
     run = resolve_config(raw, overrides, world)
+    if run.layout is not None:
+        if not use_deepspeed:
+            raise ConfigError("conadv.schedule='split': needs DeepSpeed (accelerate launch --use_deepspeed): the "
+                              "trainers send their ZeRO shards of the weights to the attacker ranks")
+        if not (args.tokenizer_dir or args.model_dir):
+            raise ConfigError("conadv.schedule='split': pass --tokenizer_dir (or --model_dir): attacker ranks build "
+                              "the model without reading the corpus, so the vocabulary must exist before the run")
     if run.conadv.adversarial and run.conadv.space == "pixel":
         raise ConfigError("conadv.space='pixel': this recipe perturbs word embeddings; set 'embedding' or 'auto'")
     if run.optimizer is None:
@@ -228,6 +232,11 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
 
     run, use_deepspeed = plan.run, plan.use_deepspeed
     conadv, micro, gas = run.conadv, run.batch.micro_batch_per_rank, run.batch.gradient_accumulation_steps
+    if run.layout is not None:  # schedule 'split': the trainers get a world of their own, before accelerate's
+        from conadv_ds.split.link import connect
+
+        if connect(run.layout).is_attacker:
+            return serve_trainers(args, run)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out, saves = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
     torch.manual_seed(args.seed)
@@ -334,9 +343,11 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
             records["weights"].append(_full_state(module))
         start = time.perf_counter()
         batches = schedule.prepare(step, pull)
-        for batch, delta in batches:
+        for i, (batch, delta) in enumerate(batches):
             with accelerator.accumulate(model):
                 micro_step = objective(forward, batch, delta)
+                if i == len(batches) - 1:  # under DeepSpeed, accelerate's backward is also the update
+                    schedule.before_update()
                 accelerator.backward(micro_step.loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -359,6 +370,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and step + 1 < args.max_steps:
             evaluate(module, held, space, eval_attack, accelerator, f"step {step + 1}")
     bar.close()
+    schedule.stop(args.max_steps)  # split: the attacker ranks leave
     elapsed = time.time() - t0
     evaluate(module, held, space, eval_attack, accelerator, "final")
     if start_step < args.max_steps:
@@ -374,6 +386,26 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
               f"{tokens / max(elapsed, 1e-9):.0f} tokens/s per rank; checkpoint {saves / f'step{args.max_steps}'}",
               flush=True)
         print(f"weights_sha256={sha}", flush=True)
+
+
+def serve_trainers(args: argparse.Namespace, run) -> None:
+    """An attacker rank of schedule 'split': holds the trainers' weights of step t and sends them
+    the δ of step t+τ, until they stop; it reads no data and joins none of accelerate's groups."""
+    from transformers import BertForMaskedLM, PreTrainedTokenizerFast
+
+    from conadv_ds.perturb import resolve_space
+    from conadv_ds.split.attacker import SplitAttacker
+
+    if args.model_dir:
+        model = BertForMaskedLM.from_pretrained(args.model_dir)
+    else:
+        model = new_model(args, len(PreTrainedTokenizerFast.from_pretrained(args.tokenizer_dir)))
+    attacker = SplitAttacker(model, resolve_space(run.conadv, model), run.conadv, run.ds)
+    while True:
+        try:
+            attacker.train_batch()
+        except StopIteration:
+            return
 
 
 def load_data(args: argparse.Namespace, out: Path, main: bool) -> dict:

@@ -36,15 +36,16 @@ def shared(tmp_path_factory):
     return ("--tokenizer_dir", str(d / "tokenizer"), "--cache_dir", str(d / "cache"))
 
 
-def command(out, launch_args, extra, config_file=None):
-    head = ["--config_file", str(config_file)] if config_file else ["--num_processes", "2"]
+def command(out, launch_args, extra, config_file=None, processes=2):
+    head = ["--config_file", str(config_file)] if config_file else ["--num_processes", str(processes)]
     return [sys.executable, "-m", "accelerate.commands.launch", *head, "--main_process_port", str(free_port()),
             *launch_args, str(RECIPE), "--max_steps", str(STEPS), "--log_interval", "2", "--save_interval", "2",
             "--output_dir", str(out), *extra]
 
 
-def accelerate(out, *launch_args, extra=(), config_file=None, check=True):
-    proc = subprocess.run(command(out, launch_args, extra, config_file), capture_output=True, text=True, env=ENV,
+def accelerate(out, *launch_args, extra=(), config_file=None, check=True, processes=2):
+    proc = subprocess.run(command(out, launch_args, extra, config_file, processes), capture_output=True, text=True,
+                          env=ENV,
                           cwd=ROOT, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -160,11 +161,11 @@ def test_dry_run_validates_without_a_launcher():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == ("error: train_batch_size=32768: not divisible by train_micro_batch_size_per_gpu "
                                   "(16) × world size (3); allowed: multiples of 48")
-    split = _dry_run("--deepspeed_config", "ds_configs/bert_demo.json", "--world_size", "2",
-                     "--conadv", "schedule=split")
+    split = _dry_run("--deepspeed_config", "ds_configs/bert_demo.json", "--world_size", "3",
+                     "--conadv", "schedule=split")  # 2 trainers + 1 attacker
     assert split.returncode == 2 and split.stderr.count("\n") == 1
-    assert split.stderr.startswith("error: conadv.schedule='split': this recipe runs clean, disadv and conadv")
-    assert "every launched process is a data-parallel trainer" in split.stderr
+    assert split.stderr.startswith("error: conadv.schedule='split': needs DeepSpeed (accelerate launch "
+                                   "--use_deepspeed)")
 
 
 def killed_after_first_checkpoint(out, launch_args, extra):
@@ -246,3 +247,25 @@ def test_accelerate_yaml_config_is_the_configuration(shared, tmp_path):
     assert bad.returncode != 0 and "conadv config:" not in bad.stdout
     assert (f"error: zero_stage=3 in the accelerate config but zero_optimization.stage=2 in {tmp_path / 'ours.json'}; "
             "set it in one place\n") in bad.stderr
+
+
+def test_split_for_text_matches_in_process_conadv(shared, tmp_path):
+    """1 trainer + 1 attacker under `accelerate launch`: the attacker computes δ in embedding space
+    from the trainer's w_{t-1} while it trains; every δ, every logged loss and the final weights
+    equal in-process ConAdv's (τ = 1, same seeds) on the trainer alone."""
+    one_trainer = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
+    del one_trainer["train_batch_size"]  # micro-batch 16 × accumulation 1 × the one trainer
+    path = tmp_path / "one_trainer.json"
+    path.write_text(json.dumps(one_trainer))
+    launch = ("--use_deepspeed", "--deepspeed_config_file", str(path))
+    flags = (*shared, "--record_deltas", "3")
+    split = accelerate(tmp_path / "split", *launch, extra=(*flags, "--conadv", "schedule=split",
+                                                           "--conadv", "attacker_ranks=1"))
+    inproc = accelerate(tmp_path / "inproc", *launch, extra=flags, processes=1)
+    logged = lambda out: re.findall(r"step \d+/\d+ loss .* lr \S+", out)  # noqa: E731
+    assert len(logged(split)) == STEPS // 2 and logged(split) == logged(inproc)
+    sha = lambda out: re.findall(r"weights_sha256=([0-9a-f]{64})", out)  # noqa: E731
+    assert len(sha(split)) == 1 and sha(split) == sha(inproc)
+    a, b = (torch.load(tmp_path / run / "deltas_rank0.pt", weights_only=False)["steps"] for run in ("split", "inproc"))
+    assert len(a) == 3 and all(torch.equal(x["delta"], y["delta"]) for x, y in zip(a, b))
+    assert all(x["delta"].abs().sum() > 0 for x in a[1:])
