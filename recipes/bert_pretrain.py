@@ -33,18 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
-
 from conadv_ds.cli import count, one_line_errors, parse_overrides
-from conadv_ds.config import load_json, validate_block
+from conadv_ds.config import JsonBlock, load_json, validate_block
 from conadv_ds.errors import ConfigError
 from conadv_ds.resolve import RunConfig, resolve_config
 
 
-class BertRecipe(BaseModel):
+class BertRecipe(JsonBlock):
     """The JSON's optional `recipe` block: defaults for the flags of the same names."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model_size: Literal["tiny", "mini", "small", "base", "large"] = "tiny"
     max_seq_length: int = 128
@@ -73,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset_dir", help="a `datasets` dataset saved with save_to_disk (column 'text')")
     p.add_argument("--strict_data", action="store_true", help="stop at the first empty line instead of skipping it")
     p.add_argument("--cache_dir", help="datasets cache folder (default: datasets' own, HF_DATASETS_CACHE)")
-    p.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization and packing")
+    p.add_argument("--preprocessing_num_workers", type=count, help="processes for tokenization and packing")
     p.add_argument("--max_seq_length", type=int)
     p.add_argument("--max_predictions_per_seq", type=int, help="at most this many masked tokens per sequence "
                    "(BERT's LAMB recipe: 20 at 128; phase 2 scales it by the length, 80 at 512)")
@@ -427,8 +423,9 @@ def load_data(args: argparse.Namespace, out: Path, main: bool) -> dict:
     else:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(saved))
     lengths = {args.max_seq_length, args.phase2_seq_length or args.max_seq_length}
-    blocks = {n: text.tokenize_and_group(train_texts, tokenizer, n, args.preprocessing_num_workers) for n in lengths}
-    held = text.tokenize_and_group(held_texts, tokenizer, args.max_seq_length, args.preprocessing_num_workers)
+    workers = args.preprocessing_num_workers or None
+    blocks = {n: text.tokenize_and_group(train_texts, tokenizer, n, workers) for n in lengths}
+    held = text.tokenize_and_group(held_texts, tokenizer, args.max_seq_length, workers)
     return {"tokenizer": tokenizer, "blocks": blocks, "held": held, "texts": len(train_texts),
             "skipped": corpus.skipped}
 

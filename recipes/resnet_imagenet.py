@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
-
 from conadv_ds.cli import count, one_line_errors, parse_overrides
-from conadv_ds.config import load_json, validate_block
+from conadv_ds.config import JsonBlock, load_json, validate_block
 from conadv_ds.data.vision import IMAGENET_TRAIN_SIZE
 from conadv_ds.errors import ConfigError
 from conadv_ds.resolve import RunConfig, resolve_config
@@ -31,10 +29,8 @@ from conadv_ds.resolve import RunConfig, resolve_config
 DEMO = "deepspeed --num_gpus 2 recipes/resnet_imagenet.py --deepspeed_config ds_configs/demo.json"
 
 
-class RecipeConfig(BaseModel):
+class RecipeConfig(JsonBlock):
     """The `recipe` block of the JSON: what the training script does around the engine."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dataset: Literal["digits", "fashion-mnist", "imagenet"] = "digits"
     model: str = "small_resnet"
