@@ -127,5 +127,5 @@ def test_torchvision_resnets_start_residual_branches_at_zero():
 
     model = build_classifier("resnet18", 10, 3, (0.5,) * 3, (0.5,) * 3)
     blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
-    assert len(blocks) == 8 and all(float(b.bn2.weight.abs().sum()) == 0 for b in blocks)
-    assert all(float(b.bn1.weight.min()) == 1 for b in blocks)
+    assert len(blocks) == 8 and all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in blocks)
+    assert all(float(b.bn1.weight.detach().min()) == 1 for b in blocks)
