@@ -10,6 +10,7 @@ folders of saves that never finished. Published tags are listed, oldest first, i
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -55,14 +56,18 @@ def _folders(save_dir: Path, suffix: str) -> list[Path]:
 
 
 def recover(save_dir: Path) -> None:
-    """Undo what a killed save left: a `<tag>.old` whose replacement never arrived goes back to
-    `<tag>`; leftover `.old` and `.partial` folders are removed. One process calls it, before the
-    other ranks read or write (the save and load paths put a barrier after it)."""
+    """Undo what a killed save left: a `<tag>.old` of a listed tag whose replacement never arrived
+    goes back to `<tag>`; leftover `.old` (of listed tags) and `.partial` folders are removed.
+    One process calls it, before the other ranks read or write (the save and load paths put a
+    barrier after it)."""
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return
+    listed_tags = set(listed(save_dir))
     for old in _folders(save_dir, OLD):
         final = old.with_name(old.name[: -len(OLD)])
+        if final.name not in listed_tags:
+            continue  # not a checkpoint this module published: not ours to touch
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -128,6 +133,25 @@ def set_rng_state(state: dict) -> None:
 
 
 _SCHEDULE_KEYS = ("enabled", "schedule", "staleness", "stale_weights")
+RUN_FILE = "conadv_run.json"
+"""The run a checkpoint continues (conadv block, world size): small, written once, read by every rank."""
+
+
+def run_identity(conadv: dict, world_size: int) -> dict:
+    """What a checkpoint's per-rank state depends on: the conadv block and the world size."""
+    return {"conadv": conadv, "world_size": world_size}
+
+
+def write_run(folder: Path, identity: dict) -> None:
+    _write_text(Path(folder) / RUN_FILE, json.dumps(identity, sort_keys=True))
+
+
+def check_run(folder: Path, identity: dict) -> None:
+    """On every rank, before anything is loaded: the checkpoint in `folder` was written by a run
+    with this identity (`check_same_run`); a rank the saving run did not have fails here too."""
+    path = Path(folder) / RUN_FILE
+    if path.is_file():
+        check_same_run(json.loads(path.read_text()), identity, str(folder))
 
 
 def check_same_run(saved: dict, current: dict, where: str) -> None:

@@ -33,15 +33,23 @@ def one_line_errors(main: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def count(text: str) -> int:
-    """argparse type for flags counting steps or checkpoints: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 0")
-    return value
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+count = _integer_at_least(0)
+"""argparse type for flags counting steps or checkpoints (0 allowed: "none" or "keep all")."""
+positive = _integer_at_least(1)
+"""argparse type for intervals that divide step numbers."""
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict:

@@ -115,10 +115,6 @@ class ConAdvConfig(JsonBlock):
         """Whether training batches get a perturbed half."""
         return self.enabled and self.schedule != "clean"
 
-    @property
-    def uses_lookahead(self) -> bool:
-        return self.stale_mechanism(whole_steps=True) == "lookahead"
-
     def stale_mechanism(self, whole_steps: bool) -> Optional[Literal["lookahead", "snapshot", "split"]]:
         """How old weights reach the attack (None: no old weights). Loops that hand over one
         micro-batch at a time (`whole_steps=False`) cannot look ahead and use snapshots."""

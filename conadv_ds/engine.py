@@ -123,7 +123,7 @@ class ConAdvEngine:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _state_identity(self) -> dict:
-        return {"conadv": self.conadv.model_dump(), "world_size": self.ds.world_size}
+        return ckpt.run_identity(self.conadv.model_dump(), self.ds.world_size)
 
     def _state(self) -> dict:
         return {"step": self.ds.global_steps, "micro_batches_pulled": self.micro_batches_pulled,
@@ -148,7 +148,10 @@ class ConAdvEngine:
         client = {**(client_state or {}), "conadv": self.conadv.model_dump()}
         ok = self.ds.save_checkpoint(save_dir, tag=tag + ckpt.PARTIAL, client_state=client, save_latest=False,
                                      **kwargs)
-        ckpt.atomic_save(self._state(), Path(save_dir) / (tag + ckpt.PARTIAL) / f"conadv_rank{self.ds.global_rank}.pt")
+        partial = Path(save_dir) / (tag + ckpt.PARTIAL)
+        ckpt.atomic_save(self._state(), partial / f"conadv_rank{self.ds.global_rank}.pt")
+        if self.ds.global_rank == 0:
+            ckpt.write_run(partial, self._state_identity())
         dist.barrier()
         if self.ds.global_rank == 0:
             ckpt.publish(Path(save_dir), tag, update_latest=save_latest)
@@ -168,6 +171,7 @@ class ConAdvEngine:
         tag = str(tag) if tag is not None else ckpt.read_latest(Path(load_dir))
         if tag is None:
             raise FileNotFoundError(f"checkpoint folder {str(load_dir)!r}: no '{ckpt.LATEST}' file; nothing to resume")
+        ckpt.check_run(Path(load_dir) / tag, self._state_identity())
         state_file = Path(load_dir) / tag / f"conadv_rank{self.ds.global_rank}.pt"
         state = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
         if state is not None:

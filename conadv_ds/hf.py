@@ -161,14 +161,17 @@ class ConAdvTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _state_identity(self) -> dict:
-        return {"conadv": self.conadv.model_dump(), "world_size": self.args.world_size}
+        return ckpt.run_identity(self.conadv.model_dump(), self.args.world_size)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """The ConAdv state goes in first: the Trainer deletes older checkpoints (save_total_limit)
+        at the end of its own save, and the one left must be resumable."""
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
         state = {"schedule": self._schedule.state_dict() if self._schedule is not None else None,
                  "micro": self._micro, **self._state_identity()}
         ckpt.atomic_save(state, _state_file(folder, self.args.process_index))
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
         """`Trainer.train`; a resumed run also restores the ConAdv state saved beside the checkpoint

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import batch as B
 from .adversary import Adversary
 from .config import ConAdvConfig
+from .errors import ConfigError
 from .perturb import Space
 from .stale import Snapshot as WeightSnapshot
 from .stale import stale_weights_for, tensor_bytes
@@ -200,6 +201,10 @@ class Snapshot(DisAdv):
         return {"history": dict(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
+        if any(not isinstance(snap, dict) for snap in state["history"].values()):
+            raise ConfigError("checkpoint: its conadv snapshots hold weights without BatchNorm running statistics "
+                              "(saved by an earlier conadv_ds); resume it with that version or start a new output "
+                              "folder")
         self.history = collections.OrderedDict(sorted(state["history"].items()))
 
 

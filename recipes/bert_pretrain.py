@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from conadv_ds.cli import count, one_line_errors, parse_overrides
+from conadv_ds.cli import count, one_line_errors, parse_overrides, positive
 from conadv_ds.config import JsonBlock, load_json, validate_block
 from conadv_ds.errors import ConfigError
 from conadv_ds.resolve import RunConfig, resolve_config
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_total_limit", type=count, default=3,
                    help="keep the newest N checkpoints (0: keep all); the latest is never deleted")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_interval", type=count, default=10)
+    p.add_argument("--log_interval", type=positive, default=10)
     p.add_argument("--eval_interval", type=count, default=0, help="held-out evaluation every N steps (0: at the end)")
     p.add_argument("--conadv", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry_run", action="store_true", help="validate the config for --world_size and print the plan")
@@ -100,6 +100,8 @@ class Plan:
     run: RunConfig
     use_deepspeed: bool
     """Launched by `accelerate launch --use_deepspeed` (else plain DDP or one process)."""
+    merged_accelerate_config: bool = False
+    """The accelerate config's DeepSpeed fields were merged into `run.ds` (no deepspeed_config_file)."""
 
 
 ACCELERATE_DEEPSPEED = {  # accelerate config field: (the variable `accelerate launch` sets, DeepSpeed key, type)
@@ -119,13 +121,19 @@ def merge_accelerate_config(raw: dict, path: str, env=os.environ) -> None:
     """Put the user's accelerate DeepSpeed settings (`accelerate config` YAML or launch flags,
     which `accelerate launch` hands over as ACCELERATE_* variables) into the JSON's DeepSpeed
     block, in place. Zero3 init is read by accelerate itself. A value the JSON sets differently
-    is a one-line error naming both; mixed precision must agree with the JSON's fp16/bf16."""
+    is a one-line error naming both; mixed precision must agree with the JSON's fp16/bf16.
+    Gradient accumulation 1 (what `accelerate config` writes unless asked) leaves a JSON that
+    derives it from train_batch_size and the micro-batch alone."""
     def parse(value: str, kind):
         return value.lower() == "true" if kind is bool else kind(value)
 
+    derived_gas = "gradient_accumulation_steps" not in raw and {"train_batch_size",
+                                                                 "train_micro_batch_size_per_gpu"} <= raw.keys()
     for field, (var, key, kind) in ACCELERATE_DEEPSPEED.items():
         if var not in env:
             continue
+        if field == "gradient_accumulation_steps" and derived_gas and parse(env[var], kind) == 1:
+            continue  # `accelerate config` always writes 1; the JSON derives it from the batch sizes
         value = parse(env[var], kind)
         *parents, leaf = key.split(".")
         node = raw
@@ -165,12 +173,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
             setattr(args, key, getattr(recipe, key))
     if args.max_predictions_per_seq is not None and args.max_predictions_per_seq < 1:
         raise ConfigError(f"--max_predictions_per_seq={args.max_predictions_per_seq}: must be >= 1")
-    if use_deepspeed and not from_accelerate:
+    merged = use_deepspeed and not from_accelerate
+    if merged:
         merge_accelerate_config(raw, path)
     overrides = parse_overrides(args.conadv)
     if use_deepspeed and (raw.get("zero_optimization") or {}).get("stage") == 3:
         gather = "stage3_gather_16bit_weights_on_model_save"
-        if raw["zero_optimization"].setdefault(gather, True) is not True:
+        if raw["zero_optimization"].get(gather, "auto") == "auto":  # accelerate's default: the YAML's, else true
+            yaml = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
+            raw["zero_optimization"][gather] = yaml.lower() == "true"
+        if raw["zero_optimization"][gather] is not True:
             raise ConfigError(f"zero_optimization.{gather}={raw['zero_optimization'][gather]!r}: the final model is "
                               "saved with save_pretrained, which needs it true under ZeRO-3 (zero3_save_16bit_model "
                               "in the accelerate config)")
@@ -189,7 +201,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for f in args.train_files or []:
         if not Path(f).is_file():
             raise ConfigError(f"--train_files: {f!r} not found")
-    return Plan(run, use_deepspeed)
+    return Plan(run, use_deepspeed, merged)
 
 
 @one_line_errors
@@ -239,9 +251,10 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     # On CPU accelerate needs to be told gloo and, without DeepSpeed, cpu=True: otherwise it takes
     # each process for a run of its own and never wraps the model in DDP.
     launched = world > 1 and not torch.cuda.is_available()
-    # The accelerate config's DeepSpeed fields are in run.ds now (make_plan): accelerate's check
-    # that a DeepSpeed JSON would make them ignored does not apply.
-    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    if plan.merged_accelerate_config:
+        # The accelerate config's DeepSpeed fields are in run.ds now (make_plan): accelerate's check
+        # that a DeepSpeed JSON would make them ignored does not apply.
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     accelerator = Accelerator(cpu=launched and not use_deepspeed,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched else [],
                               deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=run.ds) if use_deepspeed else None,
@@ -289,7 +302,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
                        phase2_from * gas))
     stream = text.MLMStream(phases, micro, rank, world, args.seed)
     held = text.masked_batches(data["held"], 32, collator(args, tokenizer, args.max_seq_length), seed=1)
-    identity = {"conadv": conadv.model_dump(), "world_size": world}
+    identity = ckpt.run_identity(conadv.model_dump(), world)
 
     def save(step: int) -> None:
         """accelerate's save_state plus this rank's data position and ConAdv state (pending
@@ -303,6 +316,8 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
         accelerator.save_state(str(saves / f"{tag}{ckpt.PARTIAL}"))
         ckpt.atomic_save({"step": step, "data": stream.state_dict(), "schedule": schedule.state_dict(), **identity},
                          saves / f"{tag}{ckpt.PARTIAL}" / f"conadv_rank{rank}.pt")
+        if accelerator.is_main_process:
+            ckpt.write_run(saves / f"{tag}{ckpt.PARTIAL}", identity)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             ckpt.publish(saves, tag)
@@ -316,6 +331,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
         accelerator.wait_for_everyone()
         tag = ckpt.read_latest(saves)
         if tag is not None:
+            ckpt.check_run(saves / tag, identity)  # every rank, before loading: another world size fails here
             state = torch.load(saves / tag / f"conadv_rank{rank}.pt", map_location="cpu", weights_only=False)
             ckpt.check_same_run(state, identity, str(saves / tag))
             accelerator.load_state(str(saves / tag))
@@ -332,7 +348,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     records = {"weights": [], "steps": []}
     stats = StepMetrics()
     bar = tqdm(total=args.max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
-    t0, tokens = time.time(), 0
+    t0, tokens = time.time(), torch.zeros((), dtype=torch.int64, device=accelerator.device)
     pull = Pull(lambda: [B.to_device(next(stream), accelerator.device) for _ in range(gas)], stream)
     for step in range(start_step, args.max_steps):
         if step < args.record_deltas:
@@ -348,7 +364,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
                 optimizer.step()
                 optimizer.zero_grad()
             stats.add(micro_step.stats)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch["attention_mask"].sum()  # on the device: read once, at the end
         if scheduler is not None:
             scheduler.step()
         if step < args.record_deltas:
@@ -379,7 +395,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     if rank == 0:
         module.save_pretrained(str(out / "model"), state_dict=state)
         print(f"trained {args.max_steps - start_step} steps in {elapsed:.1f} s, "
-              f"{tokens / max(elapsed, 1e-9):.0f} tokens/s per rank; checkpoint {saves / f'step{args.max_steps}'}",
+              f"{int(tokens) / max(elapsed, 1e-9):.0f} tokens/s per rank; checkpoint {saves / f'step{args.max_steps}'}",
               flush=True)
         print(f"weights_sha256={sha}", flush=True)
 

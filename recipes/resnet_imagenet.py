@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from conadv_ds.cli import count, one_line_errors, parse_overrides
+from conadv_ds.cli import count, one_line_errors, parse_overrides, positive
 from conadv_ds.config import JsonBlock, load_json, validate_block
 from conadv_ds.data.vision import IMAGENET_TRAIN_SIZE
 from conadv_ds.errors import ConfigError
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_epsilon", type=float)
     p.add_argument("--eval_steps", type=count)
     p.add_argument("--eval_interval", type=count, help="evaluate every N steps (default: each epoch; 0: at the end)")
-    p.add_argument("--log_interval", type=count, default=10)
+    p.add_argument("--log_interval", type=positive, default=10)
     p.add_argument("--save_interval", type=count, default=0, help="checkpoint every N steps (0: per epoch only)")
     p.add_argument("--save_total_limit", type=count, default=3,
                    help="keep the newest N checkpoints in output_dir (0: keep all); the latest is never deleted")

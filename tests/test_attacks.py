@@ -236,7 +236,7 @@ def test_official_defaults():
     c = ConAdvConfig()
     assert c.norm == "linf" and math.isclose(c.epsilon, 9 / 255) and math.isclose(c.step_size, 9 / 255)
     assert c.steps == 1 and c.targeted and c.clean_start_prob == 0.2 and c.staleness == 1
-    assert c.schedule == "conadv" and c.uses_lookahead
+    assert c.schedule == "conadv" and c.stale_mechanism(whole_steps=True) == "lookahead"
     # clip range: [0, 1] for (images, labels) batches, none for dict batches and in embedding space
     pixel = resolve_space(c, make_model())
     assert pixel.clip_for((torch.zeros(1), torch.zeros(1))) == (0.0, 1.0) and pixel.clip_for({"pixel_values": 0}) is None

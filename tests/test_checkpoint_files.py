@@ -67,3 +67,10 @@ def test_recover_drops_an_old_folder_once_its_replacement_is_in(tmp_path):
     (tmp_path / "t.old").mkdir()
     ckpt.recover(tmp_path)
     assert folders(tmp_path) == ["t"] and (tmp_path / "t" / "state").read_text() == "new"
+
+
+def test_recover_leaves_folders_it_did_not_publish_alone(tmp_path):
+    save(tmp_path, "t", "x")
+    (tmp_path / "data.old").mkdir()
+    ckpt.recover(tmp_path)
+    assert folders(tmp_path) == ["data.old", "t"]

@@ -63,6 +63,8 @@ def killed(tmp_path_factory):
     for kill_in in KILL_POINTS:
         d = tmp_path_factory.mktemp(f"kill_{kill_in}")
         runs[kill_in] = (launch("kill_worker.py", "--ckpt", str(d), "--kill_in", kill_in, check=False), d)
+        if kill_in == "same_tag":  # the kill came between moving the old folder aside and moving the new one in
+            assert (d / "kept.old").is_dir() and (d / "kept.partial").is_dir() and not (d / "kept").exists()
     launch("kill_worker.py", "--verify", *[str(d) for _, d in runs.values()])
     return runs
 
