@@ -269,3 +269,23 @@ def test_split_for_text_matches_in_process_conadv(shared, tmp_path):
     a, b = (torch.load(tmp_path / run / "deltas_rank0.pt", weights_only=False)["steps"] for run in ("split", "inproc"))
     assert len(a) == 3 and all(torch.equal(x["delta"], y["delta"]) for x, y in zip(a, b))
     assert all(x["delta"].abs().sum() > 0 for x in a[1:])
+
+
+def test_accelerate_default_accumulation_leaves_a_derived_one():
+    """`accelerate config` writes gradient_accumulation_steps 1 unless asked; a JSON that derives
+    it from train_batch_size and the micro-batch (32768 / (16 × 64) = 32) keeps its own, while an
+    accumulation the user did choose still has to agree."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import bert_pretrain
+
+    from conadv_ds.errors import ConfigError
+    from conadv_ds.resolve import resolve_config
+
+    raw = json.loads((ROOT / "ds_configs" / "bert_32k.json").read_text())
+    bert_pretrain.merge_accelerate_config(raw, "bert_32k.json", env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+                                                                      "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    assert resolve_config(raw, None, 64).batch.gradient_accumulation_steps == 32
+    chosen = json.loads((ROOT / "ds_configs" / "bert_32k.json").read_text())
+    bert_pretrain.merge_accelerate_config(chosen, "bert_32k.json", env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    with pytest.raises(ConfigError, match="train_batch_size=32768: must equal"):
+        resolve_config(chosen, None, 64)
