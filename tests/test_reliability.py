@@ -65,6 +65,8 @@ def killed(tmp_path_factory):
         runs[kill_in] = (launch("kill_worker.py", "--ckpt", str(d), "--kill_in", kill_in, check=False), d)
         if kill_in == "same_tag":  # the kill came between moving the old folder aside and moving the new one in
             assert (d / "kept.old").is_dir() and (d / "kept.partial").is_dir() and not (d / "kept").exists()
+        if kill_in == "publish":  # the kill came with the new checkpoint complete but not yet moved into place
+            assert (d / "global_step3.partial" / "conadv_run.json").is_file() and not (d / "global_step3").exists()
     launch("kill_worker.py", "--verify", *[str(d) for _, d in runs.values()])
     return runs
 

@@ -30,8 +30,9 @@ def die_on_call(module, name, after=0):
     setattr(module, name, dying)
 
 
+# os.replace on rank 0 during a save: its conadv state, conadv_run.json, then publish's moves
 KILL_POINTS = {"deepspeed": (torch, "save", 0), "conadv_state": (ckpt, "atomic_save", 0),
-               "publish": (os, "replace", 1), "latest": (ckpt, "write_latest", 0), "same_tag": (os, "replace", 2)}
+               "publish": (os, "replace", 2), "latest": (ckpt, "write_latest", 0), "same_tag": (os, "replace", 3)}
 
 
 def main():
