@@ -100,13 +100,17 @@ def _write_manifest(save_dir: Path, tags: list[str]) -> None:
     _write_text(Path(save_dir) / MANIFEST, "".join(f"{t}\n" for t in tags))
 
 
+def check_total_limit(keep: Optional[int]) -> None:
+    if keep is not None and keep < 1:
+        raise ConfigError(f"save_total_limit={keep}: must be >= 1 (or None to keep every checkpoint)")
+
+
 def prune(save_dir: Path, keep: Optional[int]) -> list[str]:
     """Delete the oldest published checkpoints beyond the newest `keep` (None: keep all); the one
     `latest` names is never deleted. Returns the tags deleted."""
+    check_total_limit(keep)
     if keep is None:
         return []
-    if keep < 1:
-        raise ConfigError(f"save_total_limit={keep}: must be >= 1 (or None to keep every checkpoint)")
     save_dir = Path(save_dir)
     tags, latest = listed(save_dir), read_latest(save_dir)
     doomed = [t for t in tags[: max(len(tags) - keep, 0)] if t != latest]

@@ -128,7 +128,7 @@ class ConAdvConfig(JsonBlock):
 
 def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> ConfigError:
     first = err.errors()[0]
-    path = [p for p in first["loc"] if isinstance(p, int) or p.isidentifier()]  # not pydantic's union tags
+    path = [p for p in first["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _UNION_TAGS)]
     loc = ".".join(str(p) for p in path)
     field = f"{prefix}.{loc}" if loc else prefix
     value = first.get("input")
@@ -146,6 +146,8 @@ def _one_line(err: ValidationError, prefix: str, model: type[BaseModel]) -> Conf
     return ConfigError(f"{field}={value!r}: {msg}")
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "list", "tuple", "dict", "none"}
+"""Names pydantic puts in an error's location for the member of a union that failed."""
 _TYPE_RULES = {"bool_type": "must be true or false (a JSON boolean)", "int_type": "must be an integer",
                "float_type": "must be a number", "finite_number": "must be a finite number",
                "string_type": "must be a string"}

@@ -21,7 +21,6 @@ import torch
 from . import batch as B
 from . import checkpoint as ckpt
 from .config import ConAdvConfig
-from .errors import ConfigError
 from .objective import Objective, StepMetrics
 from .perturb import Space
 from .schedule import Pull, Schedule
@@ -140,8 +139,7 @@ class ConAdvEngine:
         from deepspeed import comm as dist
 
         tag = str(tag if tag is not None else f"global_step{self.ds.global_steps}")
-        if save_total_limit is not None and save_total_limit < 1:
-            raise ConfigError(f"save_total_limit={save_total_limit}: must be >= 1 (or None to keep all)")
+        ckpt.check_total_limit(save_total_limit)  # before anything is written
         if self.ds.global_rank == 0:
             ckpt.recover(Path(save_dir))
         dist.barrier()
