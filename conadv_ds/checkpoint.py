@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -118,6 +118,43 @@ def prune(save_dir: Path, keep: Optional[int]) -> list[str]:
         shutil.rmtree(save_dir / t, ignore_errors=True)
     _write_manifest(save_dir, [t for t in tags if t not in doomed])
     return doomed
+
+
+def save_folder(save_dir: Path, tag: str, main: bool, barrier: Callable[[], None],
+                write: Callable[[Path], None], identity: dict, update_latest: bool = True,
+                keep: Optional[int] = None) -> None:
+    """The crash-safe save every front end makes: the main process repairs what a killed save
+    left, every rank runs `write(<tag>.partial)`, the main process adds the run's identity and,
+    once all are done, publishes the folder and keeps the newest `keep`."""
+    save_dir = Path(save_dir)
+    check_total_limit(keep)  # before anything is written
+    if main:
+        recover(save_dir)
+    barrier()
+    partial = save_dir / f"{tag}{PARTIAL}"
+    write(partial)
+    if main:
+        write_run(partial, identity)
+    barrier()
+    if main:
+        publish(save_dir, tag, update_latest=update_latest)
+        prune(save_dir, keep)
+    barrier()
+
+
+def open_folder(load_dir: Path, tag: Optional[str], main: bool, barrier: Callable[[], None],
+                identity: dict) -> Optional[str]:
+    """The tag to load (`tag`, else the one `latest` names; None when there is none), after the
+    main process has repaired what a killed save left and every rank has checked the folder was
+    written by a run with this identity."""
+    load_dir = Path(load_dir)
+    if main:
+        recover(load_dir)
+    barrier()
+    tag = tag if tag is not None else read_latest(load_dir)
+    if tag is not None:
+        check_run(load_dir / tag, identity)
+    return tag
 
 
 def rng_state() -> dict:

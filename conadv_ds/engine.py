@@ -139,23 +139,17 @@ class ConAdvEngine:
         from deepspeed import comm as dist
 
         tag = str(tag if tag is not None else f"global_step{self.ds.global_steps}")
-        ckpt.check_total_limit(save_total_limit)  # before anything is written
-        if self.ds.global_rank == 0:
-            ckpt.recover(Path(save_dir))
-        dist.barrier()
         client = {**(client_state or {}), "conadv": self.conadv.model_dump()}
-        ok = self.ds.save_checkpoint(save_dir, tag=tag + ckpt.PARTIAL, client_state=client, save_latest=False,
-                                     **kwargs)
-        partial = Path(save_dir) / (tag + ckpt.PARTIAL)
-        ckpt.atomic_save(self._state(), partial / f"conadv_rank{self.ds.global_rank}.pt")
-        if self.ds.global_rank == 0:
-            ckpt.write_run(partial, self._state_identity())
-        dist.barrier()
-        if self.ds.global_rank == 0:
-            ckpt.publish(Path(save_dir), tag, update_latest=save_latest)
-            ckpt.prune(Path(save_dir), save_total_limit)
-        dist.barrier()
-        return ok
+        results = []
+
+        def write(partial: Path) -> None:
+            results.append(self.ds.save_checkpoint(save_dir, tag=partial.name, client_state=client, save_latest=False,
+                                                   **kwargs))
+            ckpt.atomic_save(self._state(), partial / f"conadv_rank{self.ds.global_rank}.pt")
+
+        ckpt.save_folder(Path(save_dir), tag, self.ds.global_rank == 0, dist.barrier, write, self._state_identity(),
+                         update_latest=save_latest, keep=save_total_limit)
+        return results[0]
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> tuple[Optional[str], dict]:
         """DeepSpeed's `load_checkpoint` (default: the `latest` tag), then the ConAdv state. A
@@ -163,13 +157,10 @@ class ConAdvEngine:
         one-line error: its per-rank state continues only the run that wrote it."""
         from deepspeed import comm as dist
 
-        if self.ds.global_rank == 0:
-            ckpt.recover(Path(load_dir))
-        dist.barrier()
-        tag = str(tag) if tag is not None else ckpt.read_latest(Path(load_dir))
+        tag = ckpt.open_folder(Path(load_dir), None if tag is None else str(tag), self.ds.global_rank == 0,
+                               dist.barrier, self._state_identity())
         if tag is None:
             raise FileNotFoundError(f"checkpoint folder {str(load_dir)!r}: no '{ckpt.LATEST}' file; nothing to resume")
-        ckpt.check_run(Path(load_dir) / tag, self._state_identity())
         state_file = Path(load_dir) / tag / f"conadv_rank{self.ds.global_rank}.pt"
         state = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
         if state is not None:

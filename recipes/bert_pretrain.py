@@ -308,30 +308,20 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
         """accelerate's save_state plus this rank's data position and ConAdv state (pending
         lookahead batches and δ, or old-weight shards: different on every rank, which
         register_for_checkpointing's one main-process copy cannot hold), into `<tag>.partial`,
-        published once every rank is done (as ConAdvEngine.save_checkpoint)."""
-        tag = f"step{step}"
-        if accelerator.is_main_process:
-            ckpt.recover(saves)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(saves / f"{tag}{ckpt.PARTIAL}"))
-        ckpt.atomic_save({"step": step, "data": stream.state_dict(), "schedule": schedule.state_dict(), **identity},
-                         saves / f"{tag}{ckpt.PARTIAL}" / f"conadv_rank{rank}.pt")
-        if accelerator.is_main_process:
-            ckpt.write_run(saves / f"{tag}{ckpt.PARTIAL}", identity)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            ckpt.publish(saves, tag)
-            ckpt.prune(saves, args.save_total_limit or None)
-        accelerator.wait_for_everyone()
+        published once every rank is done (`checkpoint.save_folder`, as ConAdvEngine's)."""
+
+        def write(partial: Path) -> None:
+            accelerator.save_state(str(partial))
+            ckpt.atomic_save({"step": step, "data": stream.state_dict(), "schedule": schedule.state_dict(),
+                              **identity}, partial / f"conadv_rank{rank}.pt")
+
+        ckpt.save_folder(saves, f"step{step}", accelerator.is_main_process, accelerator.wait_for_everyone, write,
+                         identity, keep=args.save_total_limit or None)
 
     start_step = 0
     if args.resume:
-        if accelerator.is_main_process:
-            ckpt.recover(saves)
-        accelerator.wait_for_everyone()
-        tag = ckpt.read_latest(saves)
+        tag = ckpt.open_folder(saves, None, accelerator.is_main_process, accelerator.wait_for_everyone, identity)
         if tag is not None:
-            ckpt.check_run(saves / tag, identity)  # every rank, before loading: another world size fails here
             state = torch.load(saves / tag / f"conadv_rank{rank}.pt", map_location="cpu", weights_only=False)
             ckpt.check_same_run(state, identity, str(saves / tag))
             accelerator.load_state(str(saves / tag))
