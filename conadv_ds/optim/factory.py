@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 from ..config import JsonBlock, resolve_batch, validate_block
 from ..errors import ConfigError, FieldError, did_you_mean
-from .layerwise import LAMB, LARS, ArgumentError, broken_rule, param_groups
+from .layerwise import FRACTION_PAIR, LAMB, LARS, ArgumentError, broken_rule, param_groups
 from .schedules import WarmupPolyDecay
 from .zero_layout import layouts_for
 
@@ -131,8 +131,8 @@ class DeepSpeedOptimizerParams(JsonBlock):
     @field_validator("betas")
     @classmethod
     def _betas(cls, v):
-        if isinstance(v, tuple) and not all(0 <= b < 1 for b in v):
-            raise ValueError("must be two numbers in [0, 1)")
+        if isinstance(v, tuple) and broken_rule(FRACTION_PAIR, v):  # LAMB's own rule for betas
+            raise ValueError(FRACTION_PAIR.allowed)
         return v
 
 
@@ -199,12 +199,12 @@ def prepare_ds_config(ds_config: dict, world_size: int) -> tuple[dict, Optional[
         ds["zero_allow_untested_optimizer"] = True
         ds.setdefault("zero_force_ds_cpu_optimizer", False)  # ours runs on the CPU under ZeRO-Offload too
     elif opt is not None:
-        _check_deepspeed_block(opt, "optimizer", ["LARS", "LAMB"])
+        _check_deepspeed_block(opt, "optimizer", [m.optimizer.__name__ for m in _OPTIMIZERS.values()])
     if sched is not None and sched["type"].lower() in _SCHEDULERS:
         sched_spec = ds.pop("scheduler")
         validate_block(_SCHEDULERS[sched["type"].lower()], sched_spec.get("params", {}), "scheduler.params")
     elif sched is not None:
-        _check_deepspeed_block(sched, "scheduler", ["WarmupPolyDecay"])
+        _check_deepspeed_block(sched, "scheduler", [WarmupPolyDecay.__name__])
     if scaling is not None:
         rule = validate_block(LRScaling, scaling, "lr_scaling")
         ratio = resolve_batch(ds, world_size)[0] / rule.reference_batch_size
