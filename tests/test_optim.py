@@ -112,7 +112,8 @@ def test_one_all_reduce_per_group_on_the_parameters_device(runs, case):
 def test_without_zero_matches_reference(name, block, monkeypatch):
     """One process, the model's own parameters: default CPU blocks; blocks of 700 elements, which
     cut the 64×64 layer into chunks and pack the small layer with the end of it (several blocks and
-    units per group); and the accelerator's plan (no blocks: one unit of whole layers)."""
+    units per group); and the accelerator's plan (no blocks: one unit of whole layers, factors on
+    the device)."""
     from conadv_ds.optim import build_optimizer, layerwise, multi_tensor
 
     if block == "accelerator":
@@ -124,7 +125,9 @@ def test_without_zero_matches_reference(name, block, monkeypatch):
     for x, y in mlp_batches():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
         opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # gradients left as they were
     assert rel_err([p.detach() for p in model.parameters()], reference(name)) <= 1e-5
 
 
@@ -205,11 +208,19 @@ def host_syncs_per_step(name: str, depth: int) -> int:
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_step_makes_no_host_sync_per_parameter(name):
+@pytest.mark.parametrize("plan", ["cpu", "accelerator"])
+def test_step_makes_no_host_sync_per_parameter(name, plan, monkeypatch):
     """Wrapping Tensor.item/tolist/__float__/__int__/__bool__ during a step: the count does not
-    grow with the number of parameters (it is zero: trust ratios stay on the device)."""
+    grow with the number of parameters. On an accelerator's plan it is zero (trust ratios stay on
+    the device); on the CPU's, LARS reads its factors once per unit (here one), for its fused
+    kernel, and LAMB never."""
+    from conadv_ds.optim import layerwise
+
+    if plan == "accelerator":
+        monkeypatch.setattr(layerwise, "block_elements", lambda *args: None)
     counts = [host_syncs_per_step(name, depth) for depth in (2, 12)]
-    assert counts[0] == counts[1] == 0
+    expected = 1 if name == "LARS" and plan == "cpu" else 0
+    assert counts == [expected, expected]
 
 
 ARGUMENT_ERRORS = [

@@ -6,10 +6,12 @@ reduced over the data-parallel group, one all-reduce per parameter group, and ev
 applies the same ratio. Parameter groups with `adapt=False` (by default the 1-D ones: biases,
 norm weights) get neither weight decay nor a trust ratio, as in timm's `param_groups_weight_decay`.
 
-The step is multi-tensor (see `multi_tensor`) and reads nothing back to the host: LARS is four
-`torch._foreach_*` ops per cache block; LAMB computes the moments and r = m̂/(√v̂+ε) + wd·w in one
-pass with torch's fused Adam kernel (`torch._fused_adam_`, the kernel behind
-`Adam(fused=True)`, run with lr = −1 on a buffer holding wd·w), then `torch._foreach_*` ops.
+The step is multi-tensor (see `multi_tensor`). LARS is one pass of torch's fused SGD kernel per
+chunk on the CPU, taking its per-layer factor as a number (read to the host, which costs nothing
+there), and four `torch._foreach_*` ops per block with the factors on the device elsewhere.
+LAMB computes the moments and r = m̂/(√v̂+ε) + wd·w in one pass with torch's fused Adam kernel
+(`torch._fused_adam_`, the kernel behind `Adam(fused=True)`, run with lr = −1 on a buffer
+holding wd·w), then `torch._foreach_*` ops, its factors on the device everywhere.
 Each optimizer checks its own arguments (`ARGUMENTS`, `check_arguments`): the config factory
 validates the JSON against the same rules.
 """
@@ -74,6 +76,14 @@ def _step_tensors(steps: list[int], device: torch.device) -> list[Tensor]:
     one tensor per distinct count; filled on the device, never copied from the host."""
     made: dict[int, Tensor] = {}
     return [made.setdefault(s, torch.full((), float(s), device=device)) for s in steps]
+
+
+def _momentum_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], s: float, m: float, wd: float) -> None:
+    """v ← m·v + s·(g + wd·w), w ← w − v in one pass over w, g and v, leaving g as it was: torch's
+    fused SGD kernel (the one behind `SGD(fused=True)`) with dampening 1 − s and lr 1. At m = 0
+    the buffer is not kept (w ← w − s·(g + wd·w))."""
+    torch._fused_sgd_(w, g, v if m else [], weight_decay=wd, momentum=m, lr=1.0 if m else s, dampening=1.0 - s,
+                      nesterov=False, maximize=False, is_first_step=False)
 
 
 class _Layerwise(torch.optim.Optimizer):
@@ -146,11 +156,7 @@ class LARS(_Layerwise):
             v = plan.chunks([self._buffer(p) for p in params], "v")
             if not group["adapt"]:  # v ← m·v + lr·(g + wd·w), w ← w − v
                 for a, b in plan.blocks:
-                    torch._foreach_mul_(v[a:b], m)
-                    torch._foreach_add_(v[a:b], g[a:b], alpha=lr)
-                    if wd:
-                        torch._foreach_add_(v[a:b], w[a:b], alpha=lr * wd)
-                    torch._foreach_sub_(w[a:b], v[a:b])
+                    _momentum_step(w[a:b], g[a:b], v[a:b], lr, m, wd)
                 continue
             tc, eps = group["trust_coefficient"], group["eps"]
             for unit in plan.units:
@@ -158,10 +164,13 @@ class LARS(_Layerwise):
                 wn, gn = plan.layer_norms(unit, foreach_norms(w[u0:u1] + g[u0:u1]), 2)
                 denominator = torch.add(gn, wn, alpha=wd).add_(eps) if eps else torch.add(gn, wn, alpha=wd)
                 scale = torch.where((wn > 0) & (gn > 0), wn * (lr * tc) / denominator, lr)  # lr·tr per layer
+                # Backwards: the first pieces updated are the last ones the norms read (still in cache).
+                if plan.host_factors:  # one fused pass per chunk
+                    for c, s in reversed(list(enumerate(plan.per_chunk(unit, scale, host=True), start=u0))):
+                        _momentum_step(w[c:c + 1], g[c:c + 1], v[c:c + 1], s, m, wd)
+                    continue
                 s, s_wd = plan.per_chunk(unit, scale), plan.per_chunk(unit, scale * wd) if wd else None
-                # Block by block, the four ops on cache-resident data; backwards, so that the first
-                # blocks updated are the last ones the norms read.
-                for a, b in reversed(plan.unit_blocks(unit)):
+                for a, b in reversed(plan.unit_blocks(unit)):  # four multi-tensor ops per block
                     vb, wb = v[a:b], w[a:b]
                     torch._foreach_mul_(vb, m)
                     torch._foreach_addcmul_(vb, g[a:b], s[a - u0:b - u0])

@@ -11,8 +11,10 @@ so that an update re-reads what its norms have just read from cache rather than 
 On an accelerator a group is one unit of one block of whole pieces: there a launch per chunk
 would cost more than the cache saves.
 
-Nothing here reads a tensor's value on the host: per-layer factors stay on the device, as one
-0-d tensor per chunk.
+Per-layer factors are handed out per chunk: as 0-d tensors on the device, or, for a CPU plan
+that asks, as numbers (`host_factors`): on the CPU ops run eagerly, so reading a value costs
+nothing and lets a fused kernel take it as an argument; on an accelerator it would stall the
+stream, and its plans never do.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class GroupPlan:
     process_group: Any
     """Group over which the per-layer sums are reduced; None when every layer is local."""
     device: torch.device
+    host_factors: bool
+    """A CPU plan (one cut into blocks): `per_chunk(..., host=True)` may read factors to the host."""
     _views: dict = field(default_factory=dict)
 
     def chunks(self, tensors: Sequence[Tensor], name: Optional[str] = None) -> list[Tensor]:
@@ -105,10 +109,11 @@ class GroupPlan:
             all_reduce_sum_(sums, self.process_group)
         return sums.sqrt_()
 
-    @staticmethod
-    def per_chunk(unit: Unit, per_layer: Tensor) -> tuple[Tensor, ...]:
-        """A per-layer vector of the unit as one 0-d tensor per chunk (no host sync)."""
-        return (per_layer if unit.whole_layers else per_layer.index_select(0, unit.chunk_layer)).unbind(0)
+    def per_chunk(self, unit: Unit, per_layer: Tensor, host: bool = False) -> Sequence:
+        """A per-layer vector of the unit as one 0-d tensor per chunk (no host sync), or with
+        `host` on a plan with `host_factors`, as one number per chunk."""
+        chunks = per_layer if unit.whole_layers else per_layer.index_select(0, unit.chunk_layer)
+        return chunks.tolist() if host and self.host_factors else chunks.unbind(0)
 
 
 def foreach_norms(tensors: list[Tensor]) -> list[Tensor]:
@@ -162,7 +167,7 @@ def make_plan(numels: Sequence[int], layouts: Sequence[Optional[FlatLayout]], de
         # One unit: under ZeRO every rank reduces the group's sums, even with no piece of it.
         units = [Unit(0, len(chunk_sizes), (0, len(blocks)), offset, _index(chunk_layer, device), chunk_sizes,
                       process_group is None and chunk_layer == list(range(offset)))]
-        return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, units, process_group, device)
+        return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, units, process_group, device, block is not None)
     # Units: runs of at most UNIT_BLOCKS blocks, cut only where a layer ends.
     units, b0 = [], 0
     for bi in range(len(blocks)):
@@ -173,7 +178,7 @@ def make_plan(numels: Sequence[int], layouts: Sequence[Optional[FlatLayout]], de
             units.append(Unit(start, end, (b0, bi + 1), local[-1] + 1, _index(local, device), chunk_sizes[start:end],
                               local == list(range(len(local)))))
             b0 = bi + 1
-    return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, units, None, device)
+    return GroupPlan(splits, chunk_tensor, chunk_sizes, blocks, units, None, device, True)
 
 
 def _consecutive(sizes: list[int], block: Optional[int]) -> list[tuple[int, int]]:
