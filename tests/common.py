@@ -4,11 +4,15 @@ in plain PyTorch that know nothing of conadv_ds or DeepSpeed."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+HOST_SYNCS = ("item", "__float__", "__int__", "__bool__", "tolist")
+"""Tensor methods that read a value to the host (on an accelerator, each waits for the device)."""
 
 WORLD = 2
 MICRO = 8
@@ -142,3 +146,29 @@ def reference_train(steps: list, mode: str, tau: int = 0, lam: float = 0.5, seed
                 (loss / n).backward()
         opt.step()
     return [p.detach().clone() for p in model.parameters()]
+
+
+@contextlib.contextmanager
+def counting_host_syncs(outside: tuple[str, ...] = ()):
+    """Counts calls of `HOST_SYNCS` inside the block, except those made (at any depth) from a file
+    whose path contains one of `outside`; yields a list whose one item is the count."""
+    import traceback
+
+    count = [0]
+    originals = {n: getattr(torch.Tensor, n) for n in HOST_SYNCS}
+
+    def counting(original):
+        def call(self, *args, **kwargs):
+            if not outside or not any(part in frame.filename for frame in traceback.extract_stack()
+                                      for part in outside):
+                count[0] += 1
+            return original(self, *args, **kwargs)
+        return call
+
+    for n, f in originals.items():
+        setattr(torch.Tensor, n, counting(f))
+    try:
+        yield count
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)

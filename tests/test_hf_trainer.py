@@ -293,3 +293,22 @@ def test_vit_on_processor_normalised_pixels_is_not_clipped_to_unit_range(tmp_pat
     trainer.train()
     x, delta = seen[0]
     assert (x + delta).min() < -0.5 and delta.abs().max() <= block["epsilon"] + 1e-6 and delta.abs().max() > 0
+
+
+def test_conadv_adds_no_host_sync_per_micro_batch(tmp_path):
+    """Tensor-to-host reads during `train()` (4 steps, logging every 2), ConAdv minus the same
+    Trainer with conadv off: the same at gradient accumulation 1 and 4 — the statistics stay on
+    the device and are read once per log, never per micro-batch. A ViT, whose forward reads
+    nothing to the host (BERT's sdpa mask check in transformers reads once per forward, and
+    ConAdv runs more forwards)."""
+    from tests.common import counting_host_syncs
+
+    def syncs(ga: int, enabled: bool) -> int:
+        trainer = trainer_for("vit", tmp_path / f"ga{ga}-{enabled}", {"enabled": enabled},
+                              gradient_accumulation_steps=ga)
+        with counting_host_syncs() as count:
+            trainer.train()
+        return count[0]
+
+    extra = {ga: syncs(ga, True) - syncs(ga, False) for ga in (1, 4)}
+    assert extra[1] == extra[4] and 0 <= extra[1] <= 2, extra  # at most one per log

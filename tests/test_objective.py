@@ -112,6 +112,28 @@ def test_the_bert_recipe_goes_through_the_objective(tmp_path, monkeypatch):
     assert counting.calls == 2 * 2
 
 
+def test_the_bert_recipe_reads_its_statistics_once_per_step(tmp_path):
+    """Host reads during the recipe's `main` (3 steps, logged every step, then the final
+    evaluation), outside the model's own forward (transformers' sdpa mask check reads once per
+    forward): the same at gradient accumulation 1 and 4, three of them the per-step metrics."""
+    from tests.common import counting_host_syncs
+
+    main = runpy.run_path(str(ROOT / "recipes" / "bert_pretrain.py"))["main"]
+
+    def syncs(ga: int) -> int:
+        cfg = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
+        cfg.pop("train_batch_size", None)
+        cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=ga)
+        (tmp_path / f"ga{ga}.json").write_text(json.dumps(cfg))
+        with counting_host_syncs(outside=("transformers/models", "transformers/masking_utils")) as count:
+            main(["--deepspeed_config", str(tmp_path / f"ga{ga}.json"), "--max_steps", "3", "--log_interval", "1",
+                  "--output_dir", str(tmp_path / f"out{ga}")])
+        return count[0]
+
+    counts = [syncs(1), syncs(4)]
+    assert counts[0] == counts[1] and 3 <= counts[0] <= 6, counts
+
+
 def test_the_engine_goes_through_the_objective(tmp_path):
     launch("objective_worker.py", "--out", str(tmp_path), nproc=1)
     result = json.loads((tmp_path / "result.json").read_text())

@@ -175,36 +175,19 @@ def test_resume_from_state_dict_is_exact(name):
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
 
 
-HOST_SYNCS = ("item", "tolist", "__float__", "__int__", "__bool__")
-
-
 def host_syncs_per_step(name: str, depth: int) -> int:
     """Tensor-to-host conversions during one step of a `depth`-layer MLP (after the first)."""
     from conadv_ds.optim import build_optimizer
+    from tests.common import counting_host_syncs
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(depth)])
     opt = build_optimizer(OPTIMIZERS[name], model)
     model(torch.randn(4, 32)).square().sum().backward()
     opt.step()
-    count = 0
-    originals = {n: getattr(torch.Tensor, n) for n in HOST_SYNCS}
-
-    def counting(original):
-        def call(self, *args, **kwargs):
-            nonlocal count
-            count += 1
-            return original(self, *args, **kwargs)
-        return call
-
-    for n, f in originals.items():
-        setattr(torch.Tensor, n, counting(f))
-    try:
+    with counting_host_syncs() as count:
         opt.step()
-    finally:
-        for n, f in originals.items():
-            setattr(torch.Tensor, n, f)
-    return count
+    return count[0]
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -15,9 +15,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import conadv_ds  # noqa: E402
-from tests.common import DETERMINISTIC, digits_batches, ds_config, make_model  # noqa: E402
+from tests.common import DETERMINISTIC, HOST_SYNCS, digits_batches, ds_config, make_model  # noqa: E402
 
-SYNCS = ("item", "__float__", "__int__", "__bool__", "tolist")
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
 
 
@@ -26,7 +25,7 @@ class Counter:
         self.syncs = 0
         self.devices = set()
         self.active = False
-        for name in SYNCS:
+        for name in HOST_SYNCS:
             self._wrap(torch.Tensor, name, self._sync)
         for name in COLLECTIVES:
             self._wrap(dist, name, self._collective)
