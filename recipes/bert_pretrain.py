@@ -266,10 +266,11 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     tokenizer, blocks = data["tokenizer"], data["blocks"]
     if data["skipped"] and rank == 0:
         print(f"skipped {data['skipped']} empty lines of the corpus", flush=True)
-    if len(blocks[args.max_seq_length]) < micro * gas * world:
-        raise ConfigError(f"train_batch_size={micro * gas * world} is larger than the corpus "
-                          f"({len(blocks[args.max_seq_length])} sequences of {args.max_seq_length} tokens); point "
-                          "--train_files or --dataset_dir at a bigger corpus, or use ds_configs/bert_demo.json")
+    for length, packed in sorted(blocks.items()):  # each phase's packing must fill one step
+        if len(packed) < micro * gas * world:
+            raise ConfigError(f"train_batch_size={micro * gas * world} is larger than the corpus "
+                              f"({len(packed)} sequences of {length} tokens); point --train_files or "
+                              "--dataset_dir at a bigger corpus, or use ds_configs/bert_demo.json")
     model = BertForMaskedLM.from_pretrained(args.model_dir) if args.model_dir else new_model(args, len(tokenizer))
     optimizer = optim.build_optimizer(run.optimizer, model)
     scheduler = optim.build_scheduler(run.scheduler, optimizer) if run.scheduler else None

@@ -306,3 +306,24 @@ def test_accelerate_default_accumulation_leaves_a_derived_one():
     bert_pretrain.merge_accelerate_config(chosen, "bert_32k.json", env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
     with pytest.raises(ConfigError, match="train_batch_size=32768: must equal"):
         resolve_config(chosen, None, 64)
+
+
+def test_a_second_phase_too_long_for_the_corpus_is_one_line(tmp_path, capsys):
+    """The embedded corpus packs into about 14 sequences of 8192 tokens, fewer than one step's 16:
+    the second phase is refused before the model is built (its stream would divide by zero)."""
+    import runpy
+
+    cfg = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
+    cfg.pop("train_batch_size", None)
+    cfg.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    main = runpy.run_path(str(RECIPE))["main"]
+    with pytest.raises(SystemExit) as done:
+        main(["--deepspeed_config", str(tmp_path / "c.json"), "--max_steps", "2", "--phase2_seq_length", "8192",
+              "--phase2_steps", "1", "--output_dir", str(tmp_path / "out")])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    m = re.fullmatch(r"error: train_batch_size=16 is larger than the corpus \((\d+) sequences of 8192 tokens\); point "
+                     r"--train_files or --dataset_dir at a bigger corpus, or use ds_configs/bert_demo\.json", err)
+    assert m and int(m.group(1)) < 16, err
+    assert not (tmp_path / "out" / "checkpoints").exists()
