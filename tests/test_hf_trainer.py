@@ -147,14 +147,20 @@ def test_conadv_sources(tmp_path):
         ConAdvTrainingArguments(output_dir=str(tmp_path / "out"), conadv={"schedule": "split"}, report_to=[])
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_rank_deepspeed(tmp_path, stage):
-    """The Trainer's DeepSpeed integration on 2 ranks: logs averaged over ranks, ≡ the plain Trainer
-    when the attack vanishes (GA 2), and resume_from_checkpoint continues exactly for τ = 1, 2."""
+@pytest.fixture(scope="module")
+def two_rank_deepspeed(tmp_path_factory):
     from tests.distributed import launch
 
-    launch("hf_worker.py", "--out", str(tmp_path), "--stage", str(stage))
-    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    out = tmp_path_factory.mktemp("hf_deepspeed")
+    launch("hf_worker.py", "--out", str(out), "--stages", "2", "3")
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_deepspeed(two_rank_deepspeed, stage):
+    """The Trainer's DeepSpeed integration on 2 ranks: logs averaged over ranks, ≡ the plain Trainer
+    when the attack vanishes (GA 2), and resume_from_checkpoint continues exactly for τ = 1, 2."""
+    result = two_rank_deepspeed[stage]
     assert result["world"] == 2 and result["deepspeed"]
     logs = [h for h in result["log"] if "clean_loss" in h]
     assert [h["step"] for h in logs] == [2, 4] and all(h["adv_loss"] > h["clean_loss"] for h in logs)

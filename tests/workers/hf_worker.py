@@ -50,12 +50,7 @@ def run(out, stage, conadv, make, data=None, gas=1, max_steps=4, resume=None, sa
     return trainer
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--stage", type=int, required=True)
-    args = parser.parse_args()
-    out, stage = args.out, args.stage
+def one_stage(out: str, stage: int) -> dict:
     result = {}
     make = models()["bert-mlm"][0]
     trainer = run(f"{out}/logs", stage, {**TEXT, "space": "embedding", "staleness": 1}, make)
@@ -75,8 +70,17 @@ def main():
         result[f"resume_tau{tau}_moved"] = max(float((x - y).abs().max())
                                                for x, y in zip(a, fp32_weights(run(f"{out}/short{tau}", stage, block,
                                                                                    make, max_steps=3))))
-    if trainer.args.process_index == 0:
-        torch.save(result, os.path.join(out, "result.pt"))
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", type=int, nargs="+", required=True)
+    args = parser.parse_args()
+    result = {stage: one_stage(f"{args.out}/zero{stage}", stage) for stage in args.stages}
+    if int(os.environ["RANK"]) == 0:
+        torch.save(result, os.path.join(args.out, "result.pt"))
 
 
 if __name__ == "__main__":
