@@ -173,6 +173,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
             setattr(args, key, getattr(recipe, key))
     if args.max_predictions_per_seq is not None and args.max_predictions_per_seq < 1:
         raise ConfigError(f"--max_predictions_per_seq={args.max_predictions_per_seq}: must be >= 1")
+    if args.phase2_steps and not args.phase2_seq_length:
+        raise ConfigError(f"--phase2_steps={args.phase2_steps}: needs --phase2_seq_length "
+                          "(or recipe.phase2_seq_length)")
+    if args.phase2_steps > args.max_steps:
+        raise ConfigError(f"--phase2_steps={args.phase2_steps}: must be <= max_steps ({args.max_steps})")
+    if not args.phase2_steps:
+        args.phase2_seq_length = None  # no second phase: nothing is packed or sized for its length
     merged = use_deepspeed and not from_accelerate
     if merged:
         merge_accelerate_config(raw, path)

@@ -151,7 +151,9 @@ def reference_train(steps: list, mode: str, tau: int = 0, lam: float = 0.5, seed
 @contextlib.contextmanager
 def counting_host_syncs(outside: tuple[str, ...] = ()):
     """Counts calls of `HOST_SYNCS` inside the block, except those made (at any depth) from a file
-    whose path contains one of `outside`; yields a list whose one item is the count."""
+    whose path contains one of `outside` — so everything below such a frame goes uncounted too
+    (under ZeRO-3, the parameter hooks a model's forward runs); yields a list whose one item is
+    the count."""
     import traceback
 
     count = [0]

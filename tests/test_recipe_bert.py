@@ -158,10 +158,10 @@ def test_offline_tokenizer_round_trips(tmp_path):
     assert reloaded(sentence)["input_ids"] == ids
 
 
-def _dry_run(*args):
+def _dry_run(*args, env=None):
     cmd = [sys.executable, str(RECIPE), "--dry_run", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def test_dry_run_validates_without_a_launcher():
@@ -179,37 +179,42 @@ def test_dry_run_validates_without_a_launcher():
                                    "--use_deepspeed)")
 
 
-def killed_after_first_checkpoint(out, launch_args, extra):
-    """Start the run; as soon as a checkpoint is published, SIGKILL the launcher and its ranks
+def killed_after_checkpoint(out, launch_args, extra, tag):
+    """Start the run; as soon as checkpoint `tag` is published, SIGKILL the launcher and its ranks
     (which torch's elastic agent starts in sessions of their own)."""
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen(command(out, launch_args, extra), stdout=sink, stderr=subprocess.STDOUT, text=True,
                                 env=ENV, cwd=ROOT)
         latest, deadline = out / "checkpoints" / "latest", time.monotonic() + 300
-        while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                latest.is_file() and latest.read_text() == tag):
             time.sleep(0.02)
         launcher = psutil.Process(proc.pid)
         for p in [*launcher.children(recursive=True), launcher]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGKILL)
         proc.wait()
-    assert latest.is_file(), log.read_text()[-3000:]
+    assert latest.is_file() and latest.read_text() == tag, log.read_text()[-3000:]
     return log.read_text()
+
+
+KILLED_AT = {"zero2": "step2", "zero3": "step4"}
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
 def test_killed_and_resumed_run_ends_bit_identical(runs, shared, tmp_path, mode):
-    """ZeRO-2 at staleness 1 (one old step in flight: lookahead's pending batches) and ZeRO-3 at
-    staleness 2 (two snapshots of sharded weights); the reference is the `runs` fixture's
-    uninterrupted run with the same flags."""
+    """ZeRO-2 at staleness 1 (one old step in flight: lookahead's pending batches), killed after
+    step 2, and ZeRO-3 at staleness 2 (snapshots of sharded w_2 and w_3, which differ, unlike
+    w_0 = w_1 at lr 0), killed after step 4; the reference is the `runs` fixture's uninterrupted
+    run with the same flags."""
     launch, flags = MODES[mode]
     flags = (*flags, *shared)
     reference = runs[1][mode]
-    died = killed_after_first_checkpoint(tmp_path / "run", launch, flags)
+    died = killed_after_checkpoint(tmp_path / "run", launch, flags, KILLED_AT[mode])
     assert "weights_sha256" not in died
     resumed = accelerate(tmp_path / "run", *launch, extra=(*flags, "--resume"))
-    assert re.search(r"resumed from .*checkpoints/step[24]\n", resumed)
+    assert re.search(rf"resumed from .*checkpoints/{KILLED_AT[mode]}\n", resumed)
     sha = lambda out: re.findall(r"weights_sha256=([0-9a-f]{64})", out)  # noqa: E731
     assert sha(resumed) == sha(reference) and len(sha(reference)) == 1
     saved = (tmp_path / "run" / "checkpoints" / "checkpoints").read_text().split()
@@ -252,18 +257,14 @@ def test_accelerate_yaml_config_is_the_configuration(shared, tmp_path):
 
 def test_a_value_set_in_the_yaml_and_the_json_differently_is_one_line():
     """What `accelerate launch --config_file` exports for the YAML above (zero_stage: 3) against a
-    JSON that says stage 2: the recipe refuses before anything starts."""
-    sys.path.insert(0, str(ROOT / "recipes"))
-    import bert_pretrain
-
-    from conadv_ds.errors import ConfigError
-
+    JSON that says stage 2: the recipe's one line, before anything starts."""
     ours = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
     assert ours["zero_optimization"]["stage"] == 2
-    with pytest.raises(ConfigError) as err:
-        bert_pretrain.merge_accelerate_config(ours, "ours.json", env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
-    assert str(err.value) == ("zero_stage=3 in the accelerate config but zero_optimization.stage=2 in ours.json; "
-                              "set it in one place")
+    bad = _dry_run("--deepspeed_config", "ds_configs/bert_demo.json",
+                   env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert bad.returncode == 2 and bad.stdout == "", bad.stderr[-2000:]
+    assert bad.stderr == ("error: zero_stage=3 in the accelerate config but zero_optimization.stage=2 in "
+                          "ds_configs/bert_demo.json; set it in one place\n")
 
 
 def test_split_for_text_matches_in_process_conadv(shared, tmp_path):
@@ -308,9 +309,11 @@ def test_accelerate_default_accumulation_leaves_a_derived_one():
         resolve_config(chosen, None, 64)
 
 
-def test_a_second_phase_too_long_for_the_corpus_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("phase2_steps", [1, 0])
+def test_a_second_phase_too_long_for_the_corpus_is_one_line(tmp_path, capsys, phase2_steps):
     """The embedded corpus packs into about 14 sequences of 8192 tokens, fewer than one step's 16:
-    the second phase is refused before the model is built (its stream would divide by zero)."""
+    a second phase of that length is refused before the model is built (its stream would divide
+    by zero); with no steps there is no second phase, and the run trains."""
     import runpy
 
     cfg = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
@@ -318,12 +321,28 @@ def test_a_second_phase_too_long_for_the_corpus_is_one_line(tmp_path, capsys):
     cfg.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     main = runpy.run_path(str(RECIPE))["main"]
+    args = ["--deepspeed_config", str(tmp_path / "c.json"), "--max_steps", "2", "--phase2_seq_length", "8192",
+            "--phase2_steps", str(phase2_steps), "--output_dir", str(tmp_path / "out")]
+    if not phase2_steps:
+        main(args)
+        assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step2"
+        return
     with pytest.raises(SystemExit) as done:
-        main(["--deepspeed_config", str(tmp_path / "c.json"), "--max_steps", "2", "--phase2_seq_length", "8192",
-              "--phase2_steps", "1", "--output_dir", str(tmp_path / "out")])
+        main(args)
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     m = re.fullmatch(r"error: train_batch_size=16 is larger than the corpus \((\d+) sequences of 8192 tokens\); point "
                      r"--train_files or --dataset_dir at a bigger corpus, or use ds_configs/bert_demo\.json", err)
     assert m and int(m.group(1)) < 16, err
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--phase2_steps", "5"), "error: --phase2_steps=5: needs --phase2_seq_length (or recipe.phase2_seq_length)"),
+    (("--max_steps", "10", "--phase2_seq_length", "256", "--phase2_steps", "11"),
+     "error: --phase2_steps=11: must be <= max_steps (10)"),
+])
+def test_bad_second_phase_is_one_line(args, expected):
+    bad = _dry_run("--deepspeed_config", "ds_configs/bert_demo.json", *args)
+    assert bad.returncode == 2 and bad.stderr.strip() == expected, bad.stderr[-2000:]
+

@@ -6,9 +6,11 @@ reduced over the data-parallel group, one all-reduce per parameter group, and ev
 applies the same ratio. Parameter groups with `adapt=False` (by default the 1-D ones: biases,
 norm weights) get neither weight decay nor a trust ratio, as in timm's `param_groups_weight_decay`.
 
-The step is multi-tensor (see `multi_tensor`). LARS is one pass of torch's fused SGD kernel per
-chunk on the CPU, taking its per-layer factor as a number (read to the host, which costs nothing
-there), and four `torch._foreach_*` ops per block with the factors on the device elsewhere.
+The step is multi-tensor (see `multi_tensor`). LARS updates its non-adapted group with one pass
+of torch's fused SGD kernel per block (lr is a number); its adapted groups, on the CPU, with one
+such pass per chunk taking the layer's factor as a number (read to the host, which costs nothing
+there), and on accelerators with up to four `torch._foreach_*` ops per block, the factors on the
+device.
 LAMB computes the moments and r = m̂/(√v̂+ε) + wd·w in one pass with torch's fused Adam kernel
 (`torch._fused_adam_`, the kernel behind `Adam(fused=True)`, run with lr = −1 on a buffer
 holding wd·w), then `torch._foreach_*` ops, its factors on the device everywhere.
@@ -80,8 +82,10 @@ def _step_tensors(steps: list[int], device: torch.device) -> list[Tensor]:
 
 def _momentum_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], s: float, m: float, wd: float) -> None:
     """v ← m·v + s·(g + wd·w), w ← w − v in one pass over w, g and v, leaving g as it was: torch's
-    fused SGD kernel (the one behind `SGD(fused=True)`) with dampening 1 − s and lr 1. At m = 0
-    the buffer is not kept (w ← w − s·(g + wd·w))."""
+    fused SGD kernel (the one behind `SGD(fused=True)`, on every device) with dampening 1 − s and
+    lr 1. The kernel forms s as 1 − (1 − s) in double precision, off by ~1e-16 absolute: below
+    float32's resolution of the term for s ≥ 1e-8, and an update smaller than that is lost in
+    w's rounding anyway. At m = 0 the buffer is not kept (w ← w − s·(g + wd·w))."""
     torch._fused_sgd_(w, g, v if m else [], weight_decay=wd, momentum=m, lr=1.0 if m else s, dampening=1.0 - s,
                       nesterov=False, maximize=False, is_first_step=False)
 

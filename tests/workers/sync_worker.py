@@ -15,39 +15,30 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import conadv_ds  # noqa: E402
-from tests.common import DETERMINISTIC, HOST_SYNCS, digits_batches, ds_config, make_model  # noqa: E402
+from tests.common import DETERMINISTIC, counting_host_syncs, digits_batches, ds_config, make_model  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
 
 
-class Counter:
+class CollectiveDevices:
+    """The device of every tensor handed to a torch.distributed collective while `active`."""
+
     def __init__(self):
-        self.syncs = 0
         self.devices = set()
         self.active = False
-        for name in HOST_SYNCS:
-            self._wrap(torch.Tensor, name, self._sync)
         for name in COLLECTIVES:
-            self._wrap(dist, name, self._collective)
+            original = getattr(dist, name)
+            setattr(dist, name, self._watching(original))
 
-    def _wrap(self, owner, name, hook):
-        original = getattr(owner, name)
-
-        def wrapped(*args, **kwargs):
+    def _watching(self, original):
+        def collective(*args, **kwargs):
             if self.active:
-                hook(list(args) + list(kwargs.values()))
+                for a in [*args, *kwargs.values()]:
+                    for x in (a if isinstance(a, (list, tuple)) else [a]):
+                        if isinstance(x, torch.Tensor):
+                            self.devices.add(str(x.device))
             return original(*args, **kwargs)
-
-        setattr(owner, name, wrapped)
-
-    def _sync(self, args):
-        self.syncs += 1
-
-    def _collective(self, args):
-        for a in args:
-            for x in (a if isinstance(a, (list, tuple)) else [a]):
-                if isinstance(x, torch.Tensor):
-                    self.devices.add(str(x.device))
+        return collective
 
 
 def rank_slice(batch, rank):
@@ -86,7 +77,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     out = parser.parse_args().out
-    counter = Counter()
+    watch = CollectiveDevices()
     result = {}
     steps = 3
     for gas in (1, 4):
@@ -94,11 +85,12 @@ def main():
         engine, *_ = conadv_ds.initialize(model=make_model(), config=ds_config(2, gas, DETERMINISTIC))
         data = iter(batches)
         engine.train_batch(data)  # warm-up step (first-step set-up is not per-step cost)
-        counter.syncs, counter.active = 0, True
-        for _ in range(steps):
-            engine.train_batch(data)
-        counter.active = False
-        result[f"ours_gas{gas}"] = counter.syncs / steps
+        watch.active = True
+        with counting_host_syncs() as count:
+            for _ in range(steps):
+                engine.train_batch(data)
+        watch.active = False
+        result[f"ours_gas{gas}"] = count[0] / steps
         result["engine_device"] = str(engine.device)
         plain = make_model()
         raw, *_ = deepspeed.initialize(model=plain, model_parameters=plain.parameters(), config=ds_config(2, gas))
@@ -107,19 +99,20 @@ def main():
             x, y = next(data)
             raw.backward(F.cross_entropy(raw(x), y))
             raw.step()
-        counter.syncs, counter.active = 0, True
-        for _ in range(steps * gas):
-            x, y = next(data)
-            raw.backward(F.cross_entropy(raw(x), y))
-            raw.step()
-        counter.active = False
-        result[f"raw_gas{gas}"] = counter.syncs / steps
-    counter.active = True
+        watch.active = True
+        with counting_host_syncs() as count:
+            for _ in range(steps * gas):
+                x, y = next(data)
+                raw.backward(F.cross_entropy(raw(x), y))
+                raw.step()
+        watch.active = False
+        result[f"raw_gas{gas}"] = count[0] / steps
+    watch.active = True
     from conadv_ds.evaluation import evaluate
 
     evaluate(engine.module, [rank_slice(digits_batches(1)[0][0], 0)], epsilon=0.05, steps=1, device=engine.device)
-    counter.active = False
-    result["collective_devices"] = sorted(counter.devices)
+    watch.active = False
+    result["collective_devices"] = sorted(watch.devices)
     result["uneven_zero3"] = uneven_zero3_evaluation()
     if dist.get_rank() == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
