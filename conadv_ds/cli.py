@@ -33,6 +33,18 @@ def one_line_errors(main: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def run_launched(main: Callable[[], object]) -> None:
+    """Run a launched program's `main`, then destroy torch.distributed's process groups, as
+    torch asks of every program that made them: left to interpreter exit, gloo's worker threads
+    can abort a finished run (SIGABRT, "terminate called without an active exception"). After an
+    exception nothing is destroyed: that would wait for ranks that may be gone."""
+    import torch.distributed as dist
+
+    main()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _integer_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:

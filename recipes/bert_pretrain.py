@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from conadv_ds.cli import count, one_line_errors, parse_overrides, positive
+from conadv_ds.cli import count, one_line_errors, parse_overrides, positive, run_launched
 from conadv_ds.config import JsonBlock, load_json, validate_block
 from conadv_ds.errors import ConfigError
 from conadv_ds.resolve import RunConfig, resolve_config
@@ -510,4 +510,4 @@ def evaluate(module, held, space, attack, accelerator, tag: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from conadv_ds.cli import count, one_line_errors, parse_overrides, positive
+from conadv_ds.cli import count, one_line_errors, parse_overrides, positive, run_launched
 from conadv_ds.config import JsonBlock, load_json, validate_block
 from conadv_ds.data.vision import IMAGENET_TRAIN_SIZE
 from conadv_ds.errors import ConfigError
@@ -331,4 +331,4 @@ def plot_curves(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    one_line_errors(main)()
+    run_launched(one_line_errors(main))

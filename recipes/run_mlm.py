@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from conadv_ds.cli import run_launched
 from conadv_ds.data.text import group_texts
 from conadv_ds.hf import ConAdvTrainer, ConAdvTrainingArguments
 
@@ -99,4 +100,4 @@ def main(argv: Optional[list[str]] = None) -> ConAdvTrainer:
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

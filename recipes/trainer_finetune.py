@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from conadv_ds.cli import one_line_errors, parse_overrides
+from conadv_ds.cli import one_line_errors, parse_overrides, run_launched
 
 STATEMENTS = {"assert", "assignment", "async", "augassign", "await", "break", "class", "compound", "continue", "del",
               "for", "function", "global", "if", "import", "lambda", "nonlocal", "pass", "raise", "return", "try",
@@ -90,4 +90,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

@@ -68,3 +68,37 @@ def test_real_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: conadv.stepsize: unknown key (did you mean 'step_size'?); allowed: "
                                    + ", ".join(__import__("conadv_ds").ConAdvConfig.model_fields))
+
+
+ENDING = """
+import os, sys
+import torch.distributed as dist
+from conadv_ds.cli import run_launched
+from tests.distributed import free_port
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+
+def main():
+    dist.init_process_group("gloo")
+    dist.all_reduce(__import__("torch").ones(1))
+    if sys.argv[1] == "fail":
+        raise RuntimeError("a rank failed")
+
+try:
+    run_launched(main)
+finally:
+    print("initialized after main:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_a_finished_run_destroys_its_process_groups(outcome):
+    """After `main` returns the process groups are destroyed (gloo's threads left to interpreter
+    exit can abort the process); after an exception they are left alone (destroying would wait
+    for ranks that may be gone)."""
+    from tests.distributed import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", ENDING, outcome], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert f"initialized after main: {outcome == 'fail'}" in proc.stdout, proc.stderr[-2000:]
+    assert (proc.returncode == 0) == (outcome == "ok")

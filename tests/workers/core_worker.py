@@ -14,6 +14,7 @@ import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
 from benchmarks.harness import held_bytes  # noqa: E402
+from conadv_ds.cli import run_launched  # noqa: E402
 from tests.common import (  # noqa: E402
     DETERMINISTIC,
     digits_batches,
@@ -157,4 +158,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

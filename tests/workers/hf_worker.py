@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from conadv_ds.cli import run_launched  # noqa: E402
 from conadv_ds.hf import ConAdvTrainer, ConAdvTrainingArguments  # noqa: E402
 from tests.test_hf_trainer import TEXT, VANISHING, models, no_dropout_models, text_data  # noqa: E402
 
@@ -84,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import conadv_ds  # noqa: E402
 import conadv_ds.checkpoint as ckpt  # noqa: E402
+from conadv_ds.cli import run_launched  # noqa: E402
 from tests.common import digits_batches, ds_config, make_model, rank_slice  # noqa: E402
 
 
@@ -68,4 +69,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import conadv_ds  # noqa: E402
 from conadv_ds.bn import has_aux_bn  # noqa: E402
+from conadv_ds.cli import run_launched  # noqa: E402
 from conadv_ds.objective import Objective  # noqa: E402
 from conadv_ds.perturb import PixelSpace  # noqa: E402
 from tests.common import digits_batches, ds_config, make_model  # noqa: E402
@@ -39,4 +40,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

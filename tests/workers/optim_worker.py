@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
+from conadv_ds.cli import run_launched  # noqa: E402
 from conadv_ds.optim import LAMB, LARS, multi_tensor  # noqa: E402
 from tests.test_optim import MICRO, OPTIMIZERS, make_mlp, mlp_batches  # noqa: E402
 
@@ -104,4 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

@@ -6,6 +6,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import conadv_ds  # noqa: E402
+from conadv_ds.cli import run_launched  # noqa: E402
 from tests.common import digits_batches, ds_config, make_model, rank_slice  # noqa: E402
 
 
@@ -19,4 +20,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import conadv_ds  # noqa: E402
+from conadv_ds.cli import run_launched  # noqa: E402
 from conadv_ds.fingerprint import weights_sha256  # noqa: E402
 from tests.common import digits_batches, ds_config, make_model, rank_slice  # noqa: E402
 
@@ -114,4 +115,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
+from conadv_ds.cli import run_launched  # noqa: E402
 from tests.common import (  # noqa: E402
     DETERMINISTIC,
     digits_batches,
@@ -110,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)

@@ -15,6 +15,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import conadv_ds  # noqa: E402
+from conadv_ds.cli import run_launched  # noqa: E402
 from tests.common import DETERMINISTIC, counting_host_syncs, digits_batches, ds_config, make_model  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
@@ -120,4 +121,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_launched(main)
