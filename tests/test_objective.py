@@ -102,13 +102,12 @@ def test_the_trainer_goes_through_the_objective(tmp_path, monkeypatch):
 
 
 def test_the_bert_recipe_goes_through_the_objective(tmp_path, monkeypatch):
+    from tests.test_recipe_bert import per_rank_demo_config
+
     counting = Counting(monkeypatch)
-    cfg = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
-    cfg.pop("train_batch_size", None)
-    cfg.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    config = per_rank_demo_config(tmp_path / "c.json", train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
     main = runpy.run_path(str(ROOT / "recipes" / "bert_pretrain.py"))["main"]
-    main(["--deepspeed_config", str(tmp_path / "c.json"), "--max_steps", "2", "--output_dir", str(tmp_path / "out")])
+    main(["--deepspeed_config", str(config), "--max_steps", "2", "--output_dir", str(tmp_path / "out")])
     assert counting.calls == 2 * 2
 
 
@@ -117,16 +116,15 @@ def test_the_bert_recipe_reads_its_statistics_once_per_step(tmp_path):
     evaluation), outside the model's own forward (transformers' sdpa mask check reads once per
     forward): the same at gradient accumulation 1 and 4, three of them the per-step metrics."""
     from tests.common import counting_host_syncs
+    from tests.test_recipe_bert import per_rank_demo_config
 
     main = runpy.run_path(str(ROOT / "recipes" / "bert_pretrain.py"))["main"]
 
     def syncs(ga: int) -> int:
-        cfg = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
-        cfg.pop("train_batch_size", None)
-        cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=ga)
-        (tmp_path / f"ga{ga}.json").write_text(json.dumps(cfg))
+        config = per_rank_demo_config(tmp_path / f"ga{ga}.json", train_micro_batch_size_per_gpu=4,
+                                      gradient_accumulation_steps=ga)
         with counting_host_syncs(outside=("transformers/models", "transformers/masking_utils")) as count:
-            main(["--deepspeed_config", str(tmp_path / f"ga{ga}.json"), "--max_steps", "3", "--log_interval", "1",
+            main(["--deepspeed_config", str(config), "--max_steps", "3", "--log_interval", "1",
                   "--output_dir", str(tmp_path / f"out{ga}")])
         return count[0]
 

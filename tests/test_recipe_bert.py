@@ -23,6 +23,16 @@ RECIPE = ROOT / "recipes" / "bert_pretrain.py"
 EPS, STEP = 1.0, 0.5  # ds_configs/bert_demo*.json
 STEPS = 6
 cfg = lambda name: str(ROOT / "ds_configs" / name)  # noqa: E731
+
+
+def per_rank_demo_config(path, **fields):
+    """`ds_configs/bert_demo.json` without its train_batch_size (the batch is then micro-batch ×
+    accumulation × the ranks that train), with `fields` set, written to `path`."""
+    config = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
+    del config["train_batch_size"]
+    config.update(fields)
+    path.write_text(json.dumps(config))
+    return path
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -45,8 +55,7 @@ def command(out, launch_args, extra, config_file=None, processes=2):
 
 def accelerate(out, *launch_args, extra=(), config_file=None, check=True, processes=2):
     proc = subprocess.run(command(out, launch_args, extra, config_file, processes), capture_output=True, text=True,
-                          env=ENV,
-                          cwd=ROOT, timeout=600)
+                          env=ENV, cwd=ROOT, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return proc.stdout
@@ -271,10 +280,7 @@ def test_split_for_text_matches_in_process_conadv(shared, tmp_path):
     """1 trainer + 1 attacker under `accelerate launch`: the attacker computes δ in embedding space
     from the trainer's w_{t-1} while it trains; every δ, every logged loss and the final weights
     equal in-process ConAdv's (τ = 1, same seeds) on the trainer alone."""
-    one_trainer = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
-    del one_trainer["train_batch_size"]  # micro-batch 16 × accumulation 1 × the one trainer
-    path = tmp_path / "one_trainer.json"
-    path.write_text(json.dumps(one_trainer))
+    path = per_rank_demo_config(tmp_path / "one_trainer.json")  # micro-batch 16 × accumulation 1 × the one trainer
     launch = ("--use_deepspeed", "--deepspeed_config_file", str(path))
     flags = (*shared, "--record_deltas", "3")
     split = accelerate(tmp_path / "split", *launch, extra=(*flags, "--conadv", "schedule=split",
@@ -316,12 +322,9 @@ def test_a_second_phase_too_long_for_the_corpus_is_one_line(tmp_path, capsys, ph
     by zero); with no steps there is no second phase, and the run trains."""
     import runpy
 
-    cfg = json.loads((ROOT / "ds_configs" / "bert_demo.json").read_text())
-    cfg.pop("train_batch_size", None)
-    cfg.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    config = per_rank_demo_config(tmp_path / "c.json", train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
     main = runpy.run_path(str(RECIPE))["main"]
-    args = ["--deepspeed_config", str(tmp_path / "c.json"), "--max_steps", "2", "--phase2_seq_length", "8192",
+    args = ["--deepspeed_config", str(config), "--max_steps", "2", "--phase2_seq_length", "8192",
             "--phase2_steps", str(phase2_steps), "--output_dir", str(tmp_path / "out")]
     if not phase2_steps:
         main(args)
@@ -345,4 +348,3 @@ def test_a_second_phase_too_long_for_the_corpus_is_one_line(tmp_path, capsys, ph
 def test_bad_second_phase_is_one_line(args, expected):
     bad = _dry_run("--deepspeed_config", "ds_configs/bert_demo.json", *args)
     assert bad.returncode == 2 and bad.stderr.strip() == expected, bad.stderr[-2000:]
-

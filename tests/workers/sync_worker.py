@@ -22,7 +22,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 
 class CollectiveDevices:
-    """The device of every tensor handed to a torch.distributed collective while `active`."""
+    """The device of every tensor handed to a torch.distributed collective inside `with watch:`."""
 
     def __init__(self):
         self.devices = set()
@@ -30,6 +30,12 @@ class CollectiveDevices:
         for name in COLLECTIVES:
             original = getattr(dist, name)
             setattr(dist, name, self._watching(original))
+
+    def __enter__(self):
+        self.active = True
+
+    def __exit__(self, *exc):
+        self.active = False
 
     def _watching(self, original):
         def collective(*args, **kwargs):
@@ -86,11 +92,9 @@ def main():
         engine, *_ = conadv_ds.initialize(model=make_model(), config=ds_config(2, gas, DETERMINISTIC))
         data = iter(batches)
         engine.train_batch(data)  # warm-up step (first-step set-up is not per-step cost)
-        watch.active = True
-        with counting_host_syncs() as count:
+        with watch, counting_host_syncs() as count:
             for _ in range(steps):
                 engine.train_batch(data)
-        watch.active = False
         result[f"ours_gas{gas}"] = count[0] / steps
         result["engine_device"] = str(engine.device)
         plain = make_model()
@@ -100,19 +104,16 @@ def main():
             x, y = next(data)
             raw.backward(F.cross_entropy(raw(x), y))
             raw.step()
-        watch.active = True
-        with counting_host_syncs() as count:
+        with watch, counting_host_syncs() as count:
             for _ in range(steps * gas):
                 x, y = next(data)
                 raw.backward(F.cross_entropy(raw(x), y))
                 raw.step()
-        watch.active = False
         result[f"raw_gas{gas}"] = count[0] / steps
-    watch.active = True
     from conadv_ds.evaluation import evaluate
 
-    evaluate(engine.module, [rank_slice(digits_batches(1)[0][0], 0)], epsilon=0.05, steps=1, device=engine.device)
-    watch.active = False
+    with watch:
+        evaluate(engine.module, [rank_slice(digits_batches(1)[0][0], 0)], epsilon=0.05, steps=1, device=engine.device)
     result["collective_devices"] = sorted(watch.devices)
     result["uneven_zero3"] = uneven_zero3_evaluation()
     if dist.get_rank() == 0:
