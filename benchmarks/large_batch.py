@@ -32,13 +32,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
-import statistics
 import time
 from pathlib import Path
 
 from harness import ensure_ranks, rank0
+from study_report import Study, read_rows, report
 
 METHODS = {
     "lars": {"enabled": False},
@@ -54,6 +53,8 @@ KEY = ("method", "batch", "eps255", "seed")
 FIELDS = [*KEY, "epochs", "steps", "train_size", "test_top1", "train_top1", "train_loss", "seconds",
           "eval_seconds"]
 # what a row's numbers depend on besides its key: a resumed study must not mix settings
+STUDY = Study(reference="lars", methods=tuple(METHODS), adversarial=ADVERSARIAL, eps_label="ε (/255)",
+              test="test_top1", train="train_top1", eps="eps255")
 SETTINGS = ("dataset", "train_size", "image_size", "width", "epochs", "base_lr", "lr_rule", "weight_decay",
             "momentum", "warmup", "power", "zero_stage")
 
@@ -127,13 +128,6 @@ def build_grid(args) -> list[tuple[str, int, str, int]]:
     return grid
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def key_of(row: dict) -> tuple[str, int, str, int]:
     return row["method"], int(row["batch"]), fmt_eps(row["eps255"]), int(row["seed"])
 
@@ -171,7 +165,7 @@ def main(argv=None) -> None:
     out = Path(args.output_dir)
     results = out / "results.csv"
     if args.report_only:
-        report(results, out)
+        report(STUDY, read_rows(results), out, subtitle(read_rows(results)))
         return
     grid = build_grid(args)
     if not os.environ.get("LARGE_BATCH_PREPARED") and rank0():
@@ -275,136 +269,12 @@ def main(argv=None) -> None:
     bar.close()
     dist.barrier()
     if rank0():
-        report(results, out)
+        report(STUDY, read_rows(results), out, subtitle(read_rows(results)))
 
 
-# -- the report: everything below reads only the CSV ---------------------------------------------------------------
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Per-cell statistics over seeds, the extra cost vs LARS, and the share of the LARS gap closed.
-
-    - cell: mean ± std (sample std over seeds) of test and train top-1, of the gap train − test,
-      and of the training seconds; `cost_vs_lars` = mean over seeds of seconds / LARS's seconds
-      at the same batch and seed.
-    - closed: for each batch B above the smallest b0, G = mean(LARS test at b0) − mean(LARS test at
-      B); per seed s, (test[m, B, s] − test[LARS, B, s]) / G; reported as mean ± std over the
-      seeds both cells have.
-    """
-    cells: dict[tuple[str, int, str], dict[int, dict]] = {}
-    for r in rows:
-        m, b, e, s = key_of(r)
-        cells.setdefault((m, b, e), {})[s] = {k: float(r[k]) for k in ("test_top1", "train_top1", "seconds")}
-    lars = {b: v for (m, b, _), v in cells.items() if m == "lars"}
-    out = {"cells": [], "closed": []}
-    for (m, b, e), by_seed in sorted(cells.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]),
-                                                                      float(kv[0][2]))):
-        seeds = sorted(by_seed)
-        test = [by_seed[s]["test_top1"] for s in seeds]
-        train = [by_seed[s]["train_top1"] for s in seeds]
-        secs = [by_seed[s]["seconds"] for s in seeds]
-        c = {"method": m, "batch": b, "eps255": e, "seeds": seeds, "n": len(seeds),
-             "test": _mean_std(test), "train": _mean_std(train),
-             "gap": _mean_std([tr - te for tr, te in zip(train, test)]), "seconds": _mean_std(secs)}
-        paired = [s for s in seeds if s in lars.get(b, {})]
-        c["cost_vs_lars"] = (statistics.fmean(by_seed[s]["seconds"] / lars[b][s]["seconds"] for s in paired)
-                             if paired else None)
-        out["cells"].append(c)
-    batches = sorted({b for (_, b, _) in cells})
-    if batches and batches[0] in lars:
-        b0 = batches[0]
-        ref = statistics.fmean(v["test_top1"] for v in lars[b0].values())
-        for b in batches[1:]:
-            if b not in lars:
-                continue
-            gap = ref - statistics.fmean(v["test_top1"] for v in lars[b].values())
-            for (m, bb, e), by_seed in sorted(cells.items(), key=lambda kv: (list(METHODS).index(kv[0][0]),
-                                                                               float(kv[0][2]))):
-                if bb != b or m == "lars":
-                    continue
-                paired = sorted(s for s in by_seed if s in lars[b])
-                if not paired:
-                    continue
-                fr = [(by_seed[s]["test_top1"] - lars[b][s]["test_top1"]) / gap if gap != 0 else math.nan
-                      for s in paired]
-                out["closed"].append({"method": m, "batch": b, "eps255": e, "reference_batch": b0,
-                                      "lars_gap": gap, "seeds": paired, "fraction": _mean_std(fr)})
-    return out
-
-
-def report(results: Path, out: Path) -> dict:
-    """results.md (tables), summary.json (the same numbers) and accuracy_vs_batch.png, from the CSV."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_rows(results)
-    if not rows:
-        raise SystemExit(f"{results}: no rows to report")
-    s = summarize(rows)
-    def pm(ms, k=100, d=2):
-        return f"{ms[0] * k:.{d}f} ± {ms[1] * k:.{d}f}"
-
-    first = rows[0]
-    lines = [(f"{first['train_size']} training images, {first['epochs']} epochs at every batch; top-1 in %, "
-              "mean ± std over seeds; gap = train − test; time = training seconds per cell on 2 CPU ranks; "
-              "cost = time / LARS's at the same batch and seed."), "",
-             "| method | ε (/255) | batch | seeds | test top-1 | train top-1 | gap | time (s) | cost vs LARS |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c in s["cells"]:
-        cost = f"{c['cost_vs_lars']:.2f}×" if c["cost_vs_lars"] is not None else "–"
-        lines.append(f"| {c['method']} | {c['eps255'] if c['method'] in ADVERSARIAL else '–'} | {c['batch']} | "
-                     f"{c['n']} | {pm(c['test'])} | {pm(c['train'])} | {pm(c['gap'])} | "
-                     f"{c['seconds'][0]:.0f} ± {c['seconds'][1]:.0f} | {cost} |")
-    if s["closed"]:
-        lines += ["", ("Share of the LARS generalization gap closed (per seed: (method − LARS) at batch B, divided by "
-                       "mean LARS test at the smallest batch − mean LARS test at B; mean ± std over seeds):"), "",
-                  "| method | ε (/255) | batch | LARS gap (points) | closed |", "|---|---|---|---|---|"]
-        for c in s["closed"]:
-            lines.append(f"| {c['method']} | {c['eps255'] if c['method'] in ADVERSARIAL else '–'} | {c['batch']} | "
-                         f"{c['lars_gap'] * 100:.2f} vs batch {c['reference_batch']} | "
-                         f"{c['fraction'][0]:.0%} ± {c['fraction'][1]:.0%} |")
-    text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(s, indent=1) + "\n")
-    print(text, flush=True)
-
-    default_eps = {}
-    for c in s["cells"]:  # the ε the method runs at every batch (the sweep's extra values are single points)
-        default_eps.setdefault(c["method"], set()).add((c["batch"], c["eps255"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    batches = sorted({c["batch"] for c in s["cells"]})
-    for i, m in enumerate([m for m in METHODS if m in default_eps]):
-        per_eps: dict[str, list] = {}
-        for c in s["cells"]:
-            if c["method"] == m:
-                per_eps.setdefault(c["eps255"], []).append(c)
-        main_eps = max(per_eps, key=lambda e: len(per_eps[e]))
-        for e, cs in per_eps.items():
-            cs = sorted(cs, key=lambda c: c["batch"])
-            label = m + (f" ε={e}" if m in ADVERSARIAL else "")
-            style = {"marker": "o", "capsize": 3, "color": f"C{i}"}
-            if e != main_eps:
-                style.update(marker="^" if float(e) > float(main_eps) else "v", linestyle="none", alpha=0.7)
-            for ax, k in zip(axes, ("test", "train")):
-                ax.errorbar([c["batch"] for c in cs], [c[k][0] * 100 for c in cs], yerr=[c[k][1] * 100 for c in cs],
-                            label=label, **style)
-    for ax, k in zip(axes, ("test", "train (clean, eval mode)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_xlabel("global batch size")
-        ax.set_ylabel(f"{k} top-1 (%)")
-        ax.grid(alpha=0.3)
-    axes[0].set_title(f"{first['train_size']} images, {first['epochs']} epochs at every batch, LARS")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_batch.png", dpi=110)
-    plt.close(fig)
-    return s
+def subtitle(rows: list[dict]) -> str:
+    first = rows[0] if rows else {"train_size": "?", "epochs": "?"}
+    return f"{first['train_size']} training images, {first['epochs']} epochs at every batch"
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class Adversary:
             x0, mask = self.space.origin(self.module, batch)
             return pgd(objective, x0, norm=cfg.norm, epsilon=cfg.epsilon, step_size=cfg.step_size,
                        steps=cfg.steps, start_random=start_random, generator=gen, mask=mask,
-                       clip_range=self.space.clip_for(batch))
+                       clip_range=self.space.clip_for(batch), per_element=cfg.epsilon_scale == "per_element")
 
 
 def _device_of(batch: Any) -> torch.device:

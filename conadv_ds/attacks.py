@@ -30,7 +30,7 @@ def _mask_like(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     return mask.to(x.dtype).expand_as(x)
 
 
-def random_start(x: Tensor, norm: Norm, epsilon: float, generator: torch.Generator,
+def random_start(x: Tensor, norm: Norm, epsilon: float | Tensor, generator: torch.Generator,
                  mask: Optional[Tensor] = None) -> Tensor:
     """A random point in the ε-ball: uniform per coordinate for L∞; for L2 FreeLB's
     U(-1, 1)·ε/√(perturbed elements per sample), which lies inside the ball."""
@@ -42,7 +42,7 @@ def random_start(x: Tensor, norm: Norm, epsilon: float, generator: torch.Generat
     return (u * m * (epsilon / count.sqrt())).to(x.dtype)
 
 
-def project(delta: Tensor, norm: Norm, epsilon: float) -> Tensor:
+def project(delta: Tensor, norm: Norm, epsilon: float | Tensor) -> Tensor:
     """Nearest point of the ε-ball."""
     if norm == "linf":
         return delta.clamp(-epsilon, epsilon)
@@ -74,16 +74,27 @@ def random_wrong_labels(labels: Tensor, num_classes: int, generator: torch.Gener
     return torch.where(labels == ignore_index, labels, target)
 
 
+def per_element_scale(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """√(perturbed elements) per sample, shaped for broadcasting: turns an RMS-per-element L2
+    radius or step into the sample's total (ε·√(L·d) for L real tokens of width d)."""
+    return _per_sample(_mask_like(x, mask)).float().sum(dim=1).clamp_min(1).sqrt().view(-1, *([1] * (x.dim() - 1)))
+
+
 def pgd(objective: Callable[[Tensor], Tensor], x: Tensor, *, norm: Norm, epsilon: float, step_size: float,
         steps: int, start_random: bool, generator: torch.Generator, mask: Optional[Tensor] = None,
-        clip_range: Optional[tuple[float, float]] = None) -> Tensor:
+        clip_range: Optional[tuple[float, float]] = None, per_element: bool = False) -> Tensor:
     """Projected gradient ascent on `objective(δ)` (a scalar) around `x`; returns a detached δ.
 
     Every iterate stays in the ε-ball, inside `clip_range` (for x+δ) and zero where `mask` is 0.
+    With `per_element`, an L2 ε and step bound δ's root mean square over the perturbed elements
+    (the ball's radius grows as √(elements)); L∞ is per element anyway.
     Only the input gradient is taken (`torch.autograd.grad`), so parameter gradients are untouched.
     """
     x = x.detach()
     m = _mask_like(x, mask)
+    if per_element and norm == "l2":
+        scale = per_element_scale(x, mask)
+        epsilon, step_size = epsilon * scale, step_size * scale
     if start_random:
         delta = random_start(x, norm, epsilon, generator, mask)
     else:

@@ -67,6 +67,11 @@ class ConAdvConfig(JsonBlock):
     models with a word embedding (`get_input_embeddings()` is an `nn.Embedding`), else pixel."""
     norm: Literal["linf", "l2"] = "linf"
     epsilon: float = Field(PIXEL_EPSILON, gt=0)
+    epsilon_scale: Literal["total", "per_element"] = "total"
+    """How an L2 ε and step are measured. total: δ's L2 norm over the whole sample (pixel space,
+    FreeLB). per_element: δ's root mean square over the perturbed elements, i.e. a radius of
+    ε·√(L·d) for L real tokens of width d: one ε then means the same per coordinate at any hidden
+    size and sequence length, as an L∞ ε does (the text convention). L∞ is per element either way."""
     step_size: float = Field(PIXEL_EPSILON, gt=0)
     steps: int = Field(1, ge=1)
     targeted: bool = True

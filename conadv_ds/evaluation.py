@@ -1,16 +1,21 @@
-"""Clean and robust evaluation of image classifiers, summed over ranks on the device."""
+"""Clean and robust evaluation, summed over ranks on the device: image classifiers under pixel
+PGD, and text models under embedding-space PGD."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adversary import Adversary
 from .attacks import pgd
-from .batch import IGNORE_INDEX
+from .batch import IGNORE_INDEX, default_loss, to_device
+from .batch import correct as correct_of
 from .bn import attack_bn_mode
+from .config import ConAdvConfig
+from .perturb import resolve_space
 from .reduce import all_reduce_sum
 
 
@@ -51,3 +56,34 @@ def evaluate(module: nn.Module, loader, epsilon: float, steps: int, step_size: O
     n = max(n, 1.0)
     return {"top1": top1 / n, "top5": top5 / n,
             "robust_top1": robust / n if steps > 0 and epsilon > 0 else float("nan"), "n": n}
+
+
+def evaluate_embedding(module: nn.Module, batches, attack: ConAdvConfig, epsilons: Sequence[float],
+                       device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Clean accuracy and accuracy under embedding-space PGD at each ε of `epsilons` (the rest of
+    the attack — norm, steps, step as a fraction of ε, `epsilon_scale`, targeted or not, random
+    start — from `attack`) over dict batches with 'labels', summed over ranks. The model is in
+    eval mode (no dropout in the attack); its training mode is restored. Keys: 'accuracy',
+    'robust_accuracy@<ε>', 'n'."""
+    was_training = module.training
+    module.eval()
+    space = resolve_space(attack.model_copy(update={"space": "embedding"}), module)
+    ratio = attack.step_size / attack.epsilon
+    adversaries = [Adversary(module, space, attack.model_copy(update={"epsilon": e, "step_size": ratio * e}),
+                             default_loss, rank=0) for e in epsilons]
+    counts = torch.zeros(2 + len(epsilons), dtype=torch.float64, device=device)  # clean, robust per ε, n
+    for i, batch in enumerate(batches):
+        batch = to_device(batch, device)
+        with torch.no_grad():
+            correct, n = correct_of(module(**batch), batch)
+        counts[0] += correct
+        counts[-1] += n
+        for j, adversary in enumerate(adversaries):
+            delta = adversary(batch, step=-1, micro=i)
+            with torch.no_grad():
+                counts[1 + j] += correct_of(space.forward(module, batch, delta), batch)[0]
+    module.train(was_training)
+    totals = all_reduce_sum(counts).tolist()
+    n = max(totals[-1], 1.0)
+    return {"accuracy": totals[0] / n, **{f"robust_accuracy@{e:g}": totals[1 + j] / n for j, e in enumerate(epsilons)},
+            "n": n}

@@ -86,6 +86,59 @@ def test_l2_random_start_is_freelb_and_masked():
     assert (d.flatten(1).norm(dim=1) <= 1.0).all()
 
 
+def _per_element_reference(x, mask, grad_of, epsilon, step_size, steps, seed):
+    """Embedding-space L2 PGD with ε and step per element, written out: the ball of a sequence with
+    L real tokens of width d has radius ε·√(L·d); the start is FreeLB's U(-1, 1)·ε·√(L·d)/√(L·d)."""
+    m = mask.to(x.dtype).expand_as(x)
+    root = m.flatten(1).sum(1).sqrt().view(-1, 1, 1)
+    g = torch.Generator().manual_seed(seed)
+    delta = (torch.rand(x.shape, generator=g) * 2 - 1) * m * epsilon
+    for _ in range(steps):
+        grad = grad_of(delta) * m
+        delta = delta + step_size * root * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1)
+        norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1)
+        delta = delta * torch.clamp(epsilon * root / norm, max=1.0) * m
+    return delta
+
+
+@pytest.mark.parametrize("hidden", [8, 64])
+def test_per_element_l2_matches_reference_and_means_the_same_at_any_width_and_length(hidden):
+    torch.manual_seed(hidden)
+    x = torch.randn(3, 10, hidden)
+    mask = torch.tensor([[1] * 10, [1] * 4 + [0] * 6, [1] * 7 + [0] * 3]).unsqueeze(-1)
+    w = torch.randn(hidden)
+    obj = lambda d: ((x + d) @ w).pow(2).sum()  # noqa: E731
+    grad_of = lambda d: torch.autograd.grad(obj(d.requires_grad_(True)), d)[0]  # noqa: E731
+    d = pgd(obj, x, norm="l2", epsilon=0.05, step_size=0.05, steps=2, start_random=True,
+            generator=torch.Generator().manual_seed(3), mask=mask, per_element=True)
+    ref = _per_element_reference(x, mask, grad_of, 0.05, 0.05, 2, seed=3)
+    torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-7)
+    assert (d * (1 - mask) == 0).all()
+    # on the sphere after two full steps: the RMS over the real tokens is ε whatever L and d are
+    rms = (d.pow(2).flatten(1).sum(1) / (mask.flatten(1).sum(1) * hidden)).sqrt()
+    torch.testing.assert_close(rms, torch.full((3,), 0.05), rtol=1e-5, atol=0)
+    total = pgd(obj, x, norm="l2", epsilon=0.05, step_size=0.05, steps=2, start_random=True,
+                generator=torch.Generator().manual_seed(3), mask=mask)
+    assert total.flatten(1).norm(dim=1).max() <= 0.05 + 1e-6 < d.flatten(1).norm(dim=1).min()  # total: radius ε
+
+
+def test_per_element_scale_reaches_the_attack_from_the_config():
+    model = tiny_bert().eval()
+    batch = {"input_ids": torch.randint(5, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long),
+             "labels": torch.randint(5, 50, (2, 12))}
+    batch["attention_mask"][1, 8:] = 0
+    radius = {}
+    for scale in ("total", "per_element"):
+        cfg = ConAdvConfig(space="embedding", norm="l2", epsilon=0.02, step_size=0.02, targeted=False,
+                           clean_start_prob=0.0, epsilon_scale=scale)
+        d = Adversary(model, resolve_space(cfg, model), cfg, default_loss, rank=0)(batch, step=0, micro=0)
+        radius[scale] = d.flatten(1).norm(dim=1)
+    hidden = model.config.hidden_size
+    expected = 0.02 * torch.tensor([12.0 * hidden, 8.0 * hidden]).sqrt()
+    torch.testing.assert_close(radius["per_element"], expected, rtol=1e-4, atol=0)
+    assert (radius["total"] <= 0.02 + 1e-6).all()
+
+
 def test_masked_positions_never_move():
     torch.manual_seed(4)
     x = torch.randn(3, 5, 4)

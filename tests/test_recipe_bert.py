@@ -348,3 +348,21 @@ def test_a_second_phase_too_long_for_the_corpus_is_one_line(tmp_path, capsys, ph
 def test_bad_second_phase_is_one_line(args, expected):
     bad = _dry_run("--deepspeed_config", "ds_configs/bert_demo.json", *args)
     assert bad.returncode == 2 and bad.stderr.strip() == expected, bad.stderr[-2000:]
+
+
+def test_two_fresh_runs_build_one_tokenizer_and_end_with_one_model(tmp_path):
+    """The README's command run twice from scratch in two folders (each builds its own tokenizer
+    from the corpus, in a process with its own hash seed, into its own datasets cache) ends with
+    the same tokenizer and the same weights."""
+    runs, config = [], per_rank_demo_config(tmp_path / "ds.json")
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        proc = subprocess.run([sys.executable, str(RECIPE), "--deepspeed_config", str(config),
+                               "--max_steps", "3", "--log_interval", "3", "--output_dir", str(out),
+                               "--cache_dir", str(tmp_path / f"cache{i}")], capture_output=True, text=True,
+                              env={**ENV, "PYTHONHASHSEED": str(i + 1)}, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        sha = re.search(r"weights_sha256=([0-9a-f]{64})", proc.stdout).group(1)
+        runs.append(((out / "tokenizer" / "tokenizer.json").read_bytes(), sha))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] == runs[1][1]

@@ -82,6 +82,22 @@ def test_shipped_configs_dry_run(config, world, capsys):
     assert steps == data.get("scheduler", {}).get("params", {}).get("total_num_steps", steps) and "ZeRO-3" in out
 
 
+@pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_weigh_autoaugment_batches_in_thirds(config):
+    """The official ConAdv+AA batch weighs clean, AutoAugment and adversarial parts equally (λ = 1/3);
+    plain ConAdv is half clean, half adversarial. A config that pins λ would override the thirds."""
+    sys.path.insert(0, str(RECIPE.parent))
+    import resnet_imagenet
+
+    def weight(*flags):
+        args = resnet_imagenet.parse_args(["--deepspeed_config", str(config), "--dry_run", "--world_size", "64", *flags])
+        return resnet_imagenet.make_plan(args, 64).run.conadv.adv_weight
+
+    assert weight("--autoaugment") == pytest.approx(1 / 3)
+    assert weight() == pytest.approx(0.5)
+    assert weight("--autoaugment", "--conadv", "adv_weight=0.5") == pytest.approx(0.5)  # an explicit λ wins
+
+
 def test_96k_without_imagenet_fails_fast_and_clean():
     start = time.monotonic()
     proc = subprocess.run([sys.executable, str(RECIPE), "--deepspeed_config", str(ROOT / "ds_configs" / "96k.json")],

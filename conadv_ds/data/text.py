@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
@@ -30,6 +31,63 @@ def embedded_corpus() -> list[str]:
     for key in sorted(topics):
         paragraphs += [" ".join(p.split()) for p in topics[key].split("\n\n") if len(p.split()) >= 4]
     return paragraphs
+
+
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+"""Python's full documentation as reStructuredText (Debian's python3.11-doc; scripts/setup_debian.sh)."""
+
+
+class Document(NamedTuple):
+    name: str
+    """Path under the documentation root, e.g. 'library/os.rst.txt'."""
+    part: str
+    """The part of the documentation it belongs to: its top folder ('library', 'c-api', ...) or 'top'."""
+    paragraphs: list[str]
+
+
+_ROLE = re.compile(r":[\w:+-]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`")
+_LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`__?")
+_MARKUP = re.compile(r"``|\*\*|(?<![\w*])\*(?=\w)|(?<=\w)\*(?![\w*])|`_{0,2}|\|")
+_WORD = re.compile(r"^[(\"']?[A-Za-z][a-z'-]*[)\"',.;:?!]*$")
+
+
+def _prose(block: str) -> Optional[str]:
+    """A reST paragraph as one line of plain text, or None when it is not prose (headings,
+    directives, code, tables, lists of names)."""
+    lines = [ln.strip() for ln in block.splitlines()]
+    if not lines or lines[0].startswith(("..", ">>>", "$", "+", "|", "=", "-" * 3)) or block.startswith(" " * 4):
+        return None
+    text = _MARKUP.sub("", _LINK.sub(r"\1", _ROLE.sub(r"\1", " ".join(lines))))
+    words = text.split()
+    if not words or sum(bool(_WORD.match(w)) for w in words) < 0.7 * len(words):
+        return None
+    return " ".join(words)
+
+
+def python_docs(root: Path = PYTHON_DOCS, min_words: int = 8) -> list[Document]:
+    """Every document of Python's documentation sources under `root` (sorted by name) with its
+    prose paragraphs of at least `min_words` words; code blocks (after '::'), directives,
+    headings and tables are left out, inline markup is reduced to its text."""
+    root = Path(root)
+    files = sorted(root.rglob("*.txt"))
+    if not files:
+        raise ConfigError(f"{root}: no documentation sources (*.txt); install them with "
+                          "`sudo bash scripts/setup_debian.sh` (Debian package python3.11-doc)")
+    docs = []
+    for f in files:
+        name = f.relative_to(root).as_posix()
+        paragraphs, code = [], False
+        for block in re.split(r"\n\s*\n", f.read_text(encoding="utf-8", errors="replace")):
+            if not block.strip():
+                continue
+            if code and block[:1].isspace():  # the indented literal block after '::'
+                continue
+            code = block.rstrip().endswith("::")
+            para = _prose(block.rstrip().removesuffix(":") if code else block)
+            if para is not None and len(para.split()) >= min_words:
+                paragraphs.append(para)
+        docs.append(Document(name, name.split("/")[0] if "/" in name else "top", paragraphs))
+    return docs
 
 
 class Corpus(NamedTuple):
@@ -105,19 +163,37 @@ def train_heldout_split(dataset, held_out: float = 0.05) -> tuple[Any, Any]:
 
 
 def train_tokenizer(texts: Iterable, vocab_size: int, save_dir: Optional[Path] = None):
-    """A BERT-style uncased WordPiece tokenizer trained offline (seconds) on `texts`: strings,
-    or a `datasets.Dataset` with a 'text' column (read in batches)."""
+    """A BERT-style uncased WordPiece tokenizer built offline (seconds) from `texts`: strings, or a
+    `datasets.Dataset` with a 'text' column (read in batches).
+
+    The same texts always give the same tokenizer, in any process or folder (the WordPiece
+    trainer of `tokenizers` breaks ties between equally frequent pairs in hash-map order, which
+    changes from one process to the next). The vocabulary is the special tokens, every character
+    of the corpus alone and as a `##` continuation (so no word is ever unknown), then the most
+    frequent whole words, ties broken alphabetically (the `tokenizers` word-level trainer's order):
+    frequent words are one token, rare ones are spelled out."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if hasattr(texts, "iter"):
-        texts = (batch["text"] for batch in texts.iter(batch_size=1000))
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        texts = [t for batch in texts.iter(batch_size=1000) for t in batch["text"]]
+    texts = list(texts)
+    counter = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    counter.normalizer = normalizers.BertNormalizer(lowercase=True)
+    counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counter.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=1 << 30, show_progress=False))
+    words = sorted(counter.get_vocab().items(), key=lambda kv: kv[1])  # the trainer's rank: count, then word
+    alphabet = sorted({c for w, _ in words for c in w})
+    vocab = SPECIAL_TOKENS + alphabet + ["##" + c for c in alphabet]
+    if len(vocab) > vocab_size:
+        raise ConfigError(f"vocab_size={vocab_size}: smaller than the corpus' {len(alphabet)} characters (each alone "
+                          f"and as a continuation) and {len(SPECIAL_TOKENS)} special tokens; allowed: >= {len(vocab)}")
+    known = set(vocab)
+    vocab += [w for w, _ in words if w not in known][:vocab_size - len(vocab)]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                                             show_progress=False))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
                                                                                                  ("[SEP]", sep)])
