@@ -120,16 +120,11 @@ def key_of(row: dict) -> tuple[str, int, str, int]:
 
 
 def corpus(args) -> tuple[list[str], list[str]]:
-    """(training texts, held-out texts): whole documents apart (every tenth held out)."""
+    """(training paragraphs, held-out paragraphs): whole documents apart (every tenth held out)."""
     from conadv_ds.data import text
 
-    if args.corpus == "help-topics":
-        paras = text.embedded_corpus()
-        return [p for i, p in enumerate(paras) if i % 10], paras[::10]
-    docs = text.python_docs()
-    train = [p for i, d in enumerate(docs) if i % 10 for p in d.paragraphs]
-    held = [p for i, d in enumerate(docs) if not i % 10 for p in d.paragraphs]
-    return train, held
+    train, held = text.split_documents(text.help_topics() if args.corpus == "help-topics" else text.python_docs())
+    return [p for d in train for p in d.paragraphs], [p for d in held for p in d.paragraphs]
 
 
 def prepare(args, out: Path) -> dict:
@@ -171,7 +166,7 @@ def prepare(args, out: Path) -> dict:
                          "heldout_masked_positions": int(labels.numel())}}
 
 
-def check_settings(out: Path, args, baseline: dict) -> None:
+def check_settings(out: Path, args) -> None:
     """`study.json` records what the rows were trained with; resuming with other settings stops."""
     settings = {k: getattr(args, k) for k in SETTINGS}
     path = out / "study.json"
@@ -182,7 +177,13 @@ def check_settings(out: Path, args, baseline: dict) -> None:
             raise SystemExit(f"{out}: its results were trained with other settings {diff} (recorded, given); "
                              "use another --output_dir")
     else:
-        path.write_text(json.dumps({**settings, "baseline": baseline}, indent=1) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def record_baseline(out: Path, baseline: dict) -> None:
+    path = out / "study.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "baseline": baseline}, indent=1) + "\n")
 
 
 def evaluate(module, batches, rank: int, world: int) -> tuple[float, float]:
@@ -215,6 +216,8 @@ def main(argv=None) -> None:
         report(STUDY, read_rows(results), out, subtitle=subtitle(json.loads((out / "study.json").read_text())))
         return
     grid = build_grid(args)
+    if "LOCAL_RANK" not in os.environ:
+        check_settings(out, args)  # before any rank starts
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions_large_batch"))
     ensure_ranks()
 
@@ -233,7 +236,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = prepare(args, out)
     if rank0():
-        check_settings(out, args, data["baseline"])
+        record_baseline(out, data["baseline"])
         print(json.dumps(data["baseline"]), flush=True)
     dist.barrier()
     finished = {key_of(r) for r in read_rows(results)}

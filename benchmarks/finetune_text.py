@@ -44,7 +44,8 @@ def parse_args(argv=None):
     }
     if args.quick:
         args.models, args.seeds = "study", "0,1"
-        settings["study"] = ["--max_steps", "4", "--train_per_class", "8", "--test_per_class", "4"]
+        settings["study"] = ["--max_steps", "4", "--train_per_class", "8", "--test_per_class", "4",
+                             "--corpus", "help-topics"]
     args.recipe = {m: recipe.parse_args([*settings[m], *rest, "--output_dir", str(Path(args.output_dir) / "trainer")])
                    for m in settings}
     return args

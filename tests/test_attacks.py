@@ -309,3 +309,54 @@ def test_pixel_space_with_parts_attacks_only_the_first_block():
     d = adv(batch, step=0, micro=0)
     assert d.shape == clean.shape
     assert torch.equal(d, Adversary(model, PixelSpace(), adv.cfg, default_loss, rank=0)((clean, y), 0, 0))
+
+
+def test_embedding_evaluation_matches_a_written_out_attack():
+    """evaluate_embedding's robust accuracy equals that of an untargeted per-element L2 PGD from δ = 0
+    on `inputs_embeds` written here (padding unperturbed), at two ε; its clean accuracy is the argmax's."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conadv_ds.evaluation import evaluate_embedding
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                                     max_position_embeddings=16)).eval()
+    batches = []
+    for _ in range(3):
+        mask = torch.ones(8, 10, dtype=torch.long)
+        mask[::2, 6:] = 0
+        batches.append({"input_ids": torch.randint(5, 60, (8, 10)) * mask, "attention_mask": mask,
+                        "labels": torch.randint(0, 3, (8,))})
+    cfg = ConAdvConfig(space="embedding", norm="l2", epsilon_scale="per_element", epsilon=0.1, step_size=0.05,
+                       steps=2, targeted=False, clean_start_prob=1.0)
+    got = evaluate_embedding(model, batches, cfg, [0.1, 0.4])
+
+    def robust(b, eps):
+        emb = model.get_input_embeddings()(b["input_ids"]).detach()
+        m = b["attention_mask"][..., None].float().expand_as(emb)
+        root = m.flatten(1).sum(1).sqrt().view(-1, 1, 1)
+        delta = torch.zeros_like(emb)
+        for _ in range(2):
+            delta.requires_grad_(True)
+            out = model(inputs_embeds=emb + delta * m, attention_mask=b["attention_mask"], labels=b["labels"])
+            (g,) = torch.autograd.grad(out.loss, delta)
+            g = g * m
+            with torch.no_grad():
+                delta = delta + 0.5 * eps * root * g / g.flatten(1).norm(dim=1).view(-1, 1, 1)
+                delta = delta * torch.clamp(eps * root / delta.flatten(1).norm(dim=1).view(-1, 1, 1), max=1.0) * m
+        with torch.no_grad():
+            out = model(inputs_embeds=emb + delta, attention_mask=b["attention_mask"], labels=b["labels"])
+        return (out.logits.argmax(-1) == b["labels"]).sum().item(), out.loss.item() * 8
+
+    with torch.no_grad():
+        clean = sum((model(**b).logits.argmax(-1) == b["labels"]).sum().item() for b in batches)
+    assert got["n"] == 24 and got["accuracy"] == clean / 24
+    with torch.no_grad():
+        assert got["loss"] == pytest.approx(sum(model(**b).loss.item() * 8 for b in batches) / 24, rel=1e-6)
+    for eps in (0.1, 0.4):
+        ref = [robust(b, eps) for b in batches]
+        assert got[f"robust_accuracy@{eps:g}"] == sum(c for c, _ in ref) / 24
+        assert got[f"robust_loss@{eps:g}"] == pytest.approx(sum(v for _, v in ref) / 24, rel=1e-5)
+        assert got[f"robust_loss@{eps:g}"] > got["loss"]
+    assert got["robust_accuracy@0.4"] < got["accuracy"]  # the reference attack bites at this ε

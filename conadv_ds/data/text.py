@@ -23,16 +23,6 @@ from ..errors import ConfigError
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def embedded_corpus() -> list[str]:
-    """Paragraphs of the Python help topics, in a fixed order (one line each: whitespace collapsed)."""
-    from pydoc_data.topics import topics
-
-    paragraphs = []
-    for key in sorted(topics):
-        paragraphs += [" ".join(p.split()) for p in topics[key].split("\n\n") if len(p.split()) >= 4]
-    return paragraphs
-
-
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 """Python's full documentation as reStructuredText (Debian's python3.11-doc; scripts/setup_debian.sh)."""
 
@@ -88,6 +78,26 @@ def python_docs(root: Path = PYTHON_DOCS, min_words: int = 8) -> list[Document]:
                 paragraphs.append(para)
         docs.append(Document(name, name.split("/")[0] if "/" in name else "top", paragraphs))
     return docs
+
+
+def help_topics(min_words: int = 4) -> list[Document]:
+    """The embedded corpus as documents: one per help topic (sorted by key), its paragraphs with
+    whitespace collapsed; part 'help'."""
+    from pydoc_data.topics import topics
+
+    return [Document(key, "help", [" ".join(p.split()) for p in topics[key].split("\n\n")
+                                   if len(p.split()) >= min_words]) for key in sorted(topics)]
+
+
+def embedded_corpus() -> list[str]:
+    """Paragraphs of the Python help topics, in a fixed order (one line each: whitespace collapsed)."""
+    return [p for doc in help_topics() for p in doc.paragraphs]
+
+
+def split_documents(docs: Sequence[Document], every: int = 10) -> tuple[list[Document], list[Document]]:
+    """(training, held-out) documents: every `every`-th document (in the given order) is held out,
+    so no paragraph of a held-out document is ever trained on."""
+    return ([d for i, d in enumerate(docs) if i % every], [d for i, d in enumerate(docs) if not i % every])
 
 
 class Corpus(NamedTuple):
