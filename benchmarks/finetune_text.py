@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import trainer_finetune as recipe  # noqa: E402
 
-FIELDS = ["model", "method", "seed", "accuracy", "robust_lo", "robust_hi", "seconds", "max_steps", "lr"]
+FIELDS = ["model", "method", "seed", "accuracy", "robust_lo", "robust_hi", "loss", "seconds", "max_steps", "lr",
+          "epsilon", "embedding_rms"]
 
 
 def parse_args(argv=None):
@@ -77,8 +78,9 @@ def main(argv=None) -> None:
                 r = recipe.finetune(rargs, block, seed)
                 row = {"model": model, "method": method, "seed": seed, "accuracy": round(r["accuracy"], 4),
                        "robust_lo": round(r[f"robust_accuracy@{lo:g}"], 4),
-                       "robust_hi": round(r[f"robust_accuracy@{hi:g}"], 4), "seconds": round(r["seconds"], 1),
-                       "max_steps": rargs.max_steps, "lr": rargs.lr}
+                       "robust_hi": round(r[f"robust_accuracy@{hi:g}"], 4), "loss": round(r["loss"], 4),
+                       "seconds": round(r["seconds"], 1), "max_steps": rargs.max_steps, "lr": rargs.lr,
+                       "epsilon": args.epsilon if block else 0, "embedding_rms": round(r["embedding_rms"], 5)}
                 new = not results.is_file()
                 with open(results, "a", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=FIELDS)

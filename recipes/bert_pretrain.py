@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--deepspeed_config_file)")
     p.add_argument("--model_size", choices=list(SIZES))
     p.add_argument("--model_dir", help="continue from weights saved with save_pretrained")
-    p.add_argument("--tokenizer_dir", help="a saved tokenizer; default: train WordPiece on the corpus")
+    p.add_argument("--tokenizer_dir", help="a saved tokenizer; default: a WordPiece vocabulary built from the corpus")
     p.add_argument("--vocab_size", type=int, default=3000)
     p.add_argument("--train_files", nargs="*", help="text files (one text per line)")
     p.add_argument("--dataset_dir", help="a `datasets` dataset saved with save_to_disk (column 'text')")
@@ -420,9 +420,9 @@ def serve_trainers(args: argparse.Namespace, run) -> None:
 
 def load_data(args: argparse.Namespace, out: Path, main: bool) -> dict:
     """Corpus, tokenizer and packed blocks through `datasets` (cached: run first by the main
-    process, then by the others, which read its cache). The WordPiece trainer is not
-    deterministic, so only the main process trains the tokenizer (into `<output_dir>/tokenizer`,
-    which a resumed run reuses) and the other ranks load it."""
+    process, then by the others, which read its cache). The main process builds the tokenizer
+    (deterministic: the same corpus gives the same vocabulary in any run) into
+    `<output_dir>/tokenizer`, which the other ranks and a resumed run load."""
     from transformers import PreTrainedTokenizerFast
 
     from conadv_ds.data import text

@@ -27,7 +27,7 @@ from conadv_ds.cli import one_line_errors, parse_overrides, run_launched
 from conadv_ds.errors import ConfigError
 
 PARTS = ("c-api", "howto", "library", "reference", "whatsnew")
-CONADV = {"space": "embedding", "norm": "l2", "epsilon_scale": "per_element", "epsilon": 0.01, "step_size": 0.01,
+CONADV = {"space": "embedding", "norm": "l2", "epsilon_scale": "per_element", "epsilon": 0.002, "step_size": 0.002,
           "steps": 1, "targeted": False, "clean_start_prob": 0.0, "adv_weight": 0.5}
 """Fine-tuning ConAdv: FreeLB's start and one normalised ascent step of the training loss, ε per element."""
 EVAL_ATTACK = {**CONADV, "steps": 3, "step_size": 0.5 * CONADV["epsilon"]}
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_len", type=int, default=48)
     p.add_argument("--train_per_class", type=int, default=200)
     p.add_argument("--test_per_class", type=int, default=60)
-    p.add_argument("--eval_eps", default="0.01,0.03", help="two ε (per element) of the held-out attack")
+    p.add_argument("--eval_eps", default="0.003,0.01", help="two ε (per element) of the held-out attack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args(argv)
@@ -134,6 +134,7 @@ def finetune(args: argparse.Namespace, conadv: dict | None, seed: int) -> dict:
                   report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=seed,
                   max_grad_norm=0.0 if args.deepspeed else 1.0, deepspeed=args.deepspeed, disable_tqdm=True)
     model = BertForSequenceClassification.from_pretrained(path, num_labels=len(names))  # the head from `seed`
+    rms = float(model.get_input_embeddings().weight.detach().pow(2).mean().sqrt())  # the scale ε is measured against
     collate = DataCollatorWithPadding(tokenizer)
     if conadv is None:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, data_collator=collate)
@@ -147,7 +148,7 @@ def finetune(args: argparse.Namespace, conadv: dict | None, seed: int) -> dict:
     batches = [collate(held[i:i + 32]) for i in range(0, len(held), 32)]
     eps = [float(e) for e in args.eval_eps.split(",")]
     scores = evaluate_embedding(module, batches, parse_conadv(EVAL_ATTACK), eps, device=trainer.args.device)
-    return {**scores, "seconds": seconds, "train_examples": len(train)}
+    return {**scores, "seconds": seconds, "train_examples": len(train), "embedding_rms": rms}
 
 
 @one_line_errors

@@ -38,7 +38,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZER
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """One tokenizer for every run (WordPiece training is not deterministic) and one datasets cache."""
+    """One tokenizer for every run (built once, not per run) and one datasets cache."""
     from conadv_ds.data import text
 
     d = tmp_path_factory.mktemp("bert_shared")
