@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -28,12 +28,39 @@ OLD = ".old"
 MANIFEST = "checkpoints"
 
 
+def _plain(obj: Any) -> Any:
+    """`obj` with only what `torch.load(weights_only=True)` rebuilds: mappings (e.g. a tokenizer's
+    BatchEncoding) as dicts, numpy arrays as tensors, everything else as it is."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    return obj
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then rename over `path`."""
+    """A per-rank state file: torch.save of `obj` in plain types (tensors, numbers, strings,
+    containers; `load_state` reads nothing else) to a temporary name in the same folder, then
+    renamed over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    torch.save(_plain(obj), tmp)
     os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    """A per-rank state file read with `torch.load(weights_only=True)`: nothing in it can run code.
+    A file that is not one (tampered, truncated, another format) is a one-line error naming it,
+    raised before any weights change."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (a global it will not build), EOFError / RuntimeError (truncated)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{path}: not a conadv_ds state file that loads safely ({type(e).__name__}: {reason}); "
+                          "it is damaged, truncated or was replaced: restore the checkpoint folder from a good copy, "
+                          "resume from an earlier checkpoint, or start a new output folder") from None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -159,7 +186,9 @@ def open_folder(load_dir: Path, tag: Optional[str], main: bool, barrier: Callabl
 
 def rng_state() -> dict:
     """Every random stream a training step can draw from, for this process."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -167,7 +196,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

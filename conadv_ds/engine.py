@@ -162,7 +162,7 @@ class ConAdvEngine:
         if tag is None:
             raise FileNotFoundError(f"checkpoint folder {str(load_dir)!r}: no '{ckpt.LATEST}' file; nothing to resume")
         state_file = Path(load_dir) / tag / f"conadv_rank{self.ds.global_rank}.pt"
-        state = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
+        state = ckpt.load_state(state_file) if state_file.is_file() else None
         if state is not None:
             ckpt.check_same_run(state, self._state_identity(), str(Path(load_dir) / tag))
         path, client = self.ds.load_checkpoint(load_dir, tag=tag, **kwargs)

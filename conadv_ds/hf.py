@@ -193,7 +193,7 @@ class ConAdvTrainer(Trainer):
                 raise FileNotFoundError(f"checkpoint {folder!r}: no {path.name}; it was not saved by ConAdvTrainer "
                                         "with this world size")
             return
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt.load_state(path)
         ckpt.check_same_run(state, self._state_identity(), folder)
         if state["schedule"] is not None:
             self._schedule.load_state_dict(B.to_device(state["schedule"], self.args.device))

@@ -330,7 +330,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     if args.resume:
         tag = ckpt.open_folder(saves, None, accelerator.is_main_process, accelerator.wait_for_everyone, identity)
         if tag is not None:
-            state = torch.load(saves / tag / f"conadv_rank{rank}.pt", map_location="cpu", weights_only=False)
+            state = ckpt.load_state(saves / tag / f"conadv_rank{rank}.pt")
             ckpt.check_same_run(state, identity, str(saves / tag))
             accelerator.load_state(str(saves / tag))
             schedule.load_state_dict(B.to_device(state["schedule"], accelerator.device))

@@ -74,3 +74,55 @@ def test_recover_leaves_folders_it_did_not_publish_alone(tmp_path):
     (tmp_path / "data.old").mkdir()
     ckpt.recover(tmp_path)
     assert folders(tmp_path) == ["data.old", "t"]
+
+
+class _RunsCode:
+    """A pickle whose loading runs a command (creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_state_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    import torch
+
+    marker, path = tmp_path / "ran", tmp_path / "conadv_rank0.pt"
+    torch.save({"step": 3, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(ConfigError, match=r"conadv_rank0\.pt: not a conadv_ds state file that loads safely") as e:
+        ckpt.load_state(path)
+    assert "\n" not in str(e.value) and not marker.exists()
+    torch.load(path, weights_only=False)  # the control: an unsafe load does run it
+    assert marker.exists()
+
+
+def test_a_truncated_state_file_is_one_line(tmp_path):
+    path = tmp_path / "conadv_rank1.pt"
+    ckpt.atomic_save({"step": 3, "rng": ckpt.rng_state(), "schedule": {"pending": None}}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"conadv_rank1\.pt: not a conadv_ds state file") as e:
+        ckpt.load_state(path)
+    assert "\n" not in str(e.value)
+
+
+def test_state_files_hold_plain_types_and_restore_every_random_stream(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import BatchEncoding
+
+    np.random.seed(1), random.seed(2), torch.manual_seed(3)
+    state = {"rng": ckpt.rng_state(), "batch": BatchEncoding({"input_ids": torch.arange(4)}), "mask": np.ones(2)}
+    ckpt.atomic_save(state, tmp_path / "s.pt")
+    draws = (np.random.rand(), random.random(), torch.rand(1).item())
+    np.random.seed(9), random.seed(9), torch.manual_seed(9)
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)  # torch's own safe loader accepts the file
+    ckpt.set_rng_state(loaded["rng"])
+    assert (np.random.rand(), random.random(), torch.rand(1).item()) == draws
+    assert type(loaded["batch"]) is dict and torch.equal(loaded["batch"]["input_ids"], torch.arange(4))
+    assert torch.equal(loaded["mask"], torch.ones(2, dtype=torch.float64))
