@@ -34,6 +34,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 from harness import ensure_ranks, rank0
 from study_report import Study, read_rows, report
@@ -50,7 +51,7 @@ KEY = ("method", "batch", "eps", "seed")
 FIELDS = [*KEY, "epochs", "steps", "train_blocks", "heldout_acc", "heldout_loss", "train_acc", "train_loss",
           "last_epoch_loss", "seconds", "eval_seconds"]
 SETTINGS = ("corpus", "train_blocks", "eval_blocks", "seq_len", "vocab_size", "model", "epochs", "base_lr",
-            "lr_rule", "weight_decay", "warmup", "dropout", "zero_stage")
+            "lr_rule", "weight_decay", "warmup", "dropout", "zero_stage", "warm_steps")
 STUDY = Study(reference="lamb", methods=tuple(METHODS), adversarial=ADVERSARIAL, eps_label="ε (per element)",
               test="heldout_acc", train="train_acc", metric="masked-token accuracy", test_name="held-out",
               unit="blocks")
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--warm_steps", type=int, default=800,
+                   help="every cell starts from one model trained this many LAMB steps at the smallest batch "
+                        "(past the most-frequent-token plateau); 0: from the initialisation")
     p.add_argument("--zero_stage", type=int, default=2)
     p.add_argument("--report_only", action="store_true", help="write the report from the CSV, train nothing")
     p.add_argument("--quick", action="store_true", help="tiny grid on the embedded help topics, for smoke tests")
@@ -85,7 +89,7 @@ def parse_args(argv=None):
     if args.quick:
         args.corpus, args.batches, args.method_batches, args.epochs = "help-topics", "8,32", "32", 1
         args.train_blocks, args.eval_blocks, args.seq_len, args.vocab_size = 256, 32, 64, 1000
-        args.model, args.seeds, args.eps_sweep = "32,1,2,64", "0,1", "0.03"
+        args.model, args.seeds, args.eps_sweep, args.warm_steps = "32,1,2,64", "0,1", "0.03", 4
     return args
 
 
@@ -94,8 +98,8 @@ def fmt_eps(v) -> str:
 
 
 def build_grid(args) -> list[tuple[str, int, str, int]]:
-    """Cells as (method, batch, ε, seed), seed-major so that a partial study covers every cell of
-    the first seeds; the ε sweep at the largest batch after each seed's main cells."""
+    """Cells as (method, batch, ε, seed): the main cells seed-major, so that a partial study covers
+    every cell of the first seeds, then the ε sweep at the largest batch, seed-major too."""
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -104,14 +108,11 @@ def build_grid(args) -> list[tuple[str, int, str, int]]:
     full = batches if args.method_batches == "all" else [int(b) for b in args.method_batches.split(",")]
     at_ref = args.reference_methods.split(",")
     sweep = [fmt_eps(e) for e in args.eps_sweep.split(",") if e and fmt_eps(e) != fmt_eps(args.eps)]
-    grid = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for b in batches:
-            for m in methods:
-                if b in full or m in at_ref:
-                    grid.append((m, b, fmt_eps(args.eps) if m in ADVERSARIAL else "0", seed))
-        if "conadv" in methods:
-            grid += [("conadv", max(batches), e, seed) for e in sweep]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    grid = [(m, b, fmt_eps(args.eps) if m in ADVERSARIAL else "0", seed) for seed in seeds for b in batches
+            for m in methods if b in full or m in at_ref]
+    if "conadv" in methods:
+        grid += [("conadv", max(batches), e, seed) for seed in seeds for e in sweep]
     return grid
 
 
@@ -245,10 +246,10 @@ def main(argv=None) -> None:
                dynamic_ncols=True, mininterval=5)
     hidden, layers, heads, inter = (int(v) for v in args.model.split(","))
     smallest = min(int(b) for b in args.batches.split(","))
-    for method, batch, eps, seed in todo:
-        bar.set_postfix_str(f"{method} b{batch} eps{eps} s{seed}")
+    def train_cell(method: str, batch: int, eps: str, seed: int, steps: int, init: Optional[dict]):
+        """One run of `steps` LAMB steps at `batch` from `init` (a state dict) or the seed's
+        initialisation: (engine, per-step clean losses, seconds)."""
         micro = batch // world
-        steps = max(1, round(args.epochs * (args.train_blocks // batch)))
         cfg = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0,
                "steps_per_print": 10 ** 9, "zero_optimization": {"stage": args.zero_stage},
                "optimizer": {"type": "LAMB", "params": {"lr": args.base_lr, "weight_decay": args.weight_decay,
@@ -263,6 +264,8 @@ def main(argv=None) -> None:
                                            num_hidden_layers=layers, num_attention_heads=heads,
                                            intermediate_size=inter, max_position_embeddings=args.seq_len,
                                            hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout))
+        if init is not None:
+            model.load_state_dict(init)
         engine, *_ = conadv_ds.initialize(model=model, config=cfg)
         stream = text.MLMStream([(data["train"], data["collate"], 0)], micro, rank, world, seed)
         start, losses = time.time(), []
@@ -270,7 +273,26 @@ def main(argv=None) -> None:
                       dynamic_ncols=True):
             m = engine.train_batch(stream)
             losses.append(m.get("clean_loss", m["loss"]))
-        seconds = time.time() - start
+        return engine, losses, time.time() - start
+
+    warm = None
+    if args.warm_steps and todo:
+        path = out / "warm_start"
+        if not (path / "config.json").is_file():
+            engine, _, seconds = train_cell("lamb", smallest, "0", 1000, args.warm_steps, None)
+            acc, _ = evaluate(engine.module, data["held"], rank, world)
+            if rank0():
+                engine.module.save_pretrained(str(path))
+                print(json.dumps({"warm_start_steps": args.warm_steps, "batch": smallest, "seconds": round(seconds, 1),
+                                  "heldout_acc": round(acc, 4)}), flush=True)
+            del engine
+        dist.barrier()
+        warm = BertForMaskedLM.from_pretrained(str(path)).state_dict()
+    for method, batch, eps, seed in todo:
+        bar.set_postfix_str(f"{method} b{batch} eps{eps} s{seed}")
+        steps = max(1, round(args.epochs * (args.train_blocks // batch)))
+        engine, losses, seconds = train_cell(method, batch, eps, seed, steps, warm)
+        evaluated = time.time()
         held_acc, held_loss = evaluate(engine.module, data["held"], rank, world)
         train_acc, train_loss = evaluate(engine.module, data["train_eval"], rank, world)
         tail = losses[-max(1, steps // max(1, round(args.epochs))):]
@@ -278,7 +300,7 @@ def main(argv=None) -> None:
                "train_blocks": args.train_blocks, "heldout_acc": round(held_acc, 4), "heldout_loss": round(held_loss, 4),
                "train_acc": round(train_acc, 4), "train_loss": round(train_loss, 4),
                "last_epoch_loss": round(sum(tail) / len(tail), 4), "seconds": round(seconds, 1),
-               "eval_seconds": round(time.time() - start - seconds, 1)}
+               "eval_seconds": round(time.time() - evaluated, 1)}
         if rank0():
             if seed == 0 and (method not in ADVERSARIAL or eps == fmt_eps(args.eps)):
                 engine.module.save_pretrained(str(out / "models" / f"{method}_b{batch}"))
@@ -291,7 +313,7 @@ def main(argv=None) -> None:
                 w.writerow(row)
             bar.write(json.dumps(row))
         bar.update(1)
-        del engine, model, stream
+        del engine
     bar.close()
     dist.barrier()
     if rank0():
@@ -302,7 +324,7 @@ def subtitle(study: dict) -> str:
     b = study["baseline"]
     return (f"{study['corpus']}: {study['train_blocks']} training blocks of {study['seq_len']} tokens, "
             f"{study['epochs']} epochs at every batch, BERT {study['model']} (hidden, layers, heads, intermediate), "
-            f"LAMB; held-out = {study['eval_blocks']} blocks of unseen documents, {b['heldout_masked_positions']} "
+            f"LAMB, every cell from one warm start ({study.get('warm_steps', 0)} LAMB steps at the smallest batch); held-out = {study['eval_blocks']} blocks of unseen documents, {b['heldout_masked_positions']} "
             f"fixed masked positions; most-frequent-token baseline ('{b['token']}'): "
             f"{100 * b['heldout_acc']:.2f}%")
 

@@ -50,17 +50,66 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_state(path: Path) -> dict:
-    """A per-rank state file read with `torch.load(weights_only=True)`: nothing in it can run code.
-    A file that is not one (tampered, truncated, another format) is a one-line error naming it,
-    raised before any weights change."""
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address",
+                     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
+"""The classes DeepSpeed 0.19's model and optimizer state files hold (ZeRO 0-3, fp16/bf16): the
+only ones a safe load builds besides tensors, numbers, strings and containers."""
+
+
+def _allowed() -> list:
+    import importlib
+
+    out = []
+    for name in DEEPSPEED_GLOBALS:
+        module, attr = name.rsplit(".", 1)
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+def load_state(path: Path, map_location: Any = "cpu") -> Any:
+    """A checkpoint file — ours per rank, or DeepSpeed's model and optimizer states — read with
+    `torch.load(weights_only=True)`, only DeepSpeed's own state classes (`DEEPSPEED_GLOBALS`)
+    allowed: nothing in it can run code. A file that is not one (tampered, truncated, from a
+    DeepSpeed with other classes) is a one-line error naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_allowed()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError (a global it will not build), EOFError / RuntimeError (truncated)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"{path}: not a conadv_ds state file that loads safely ({type(e).__name__}: {reason}); "
-                          "it is damaged, truncated or was replaced: restore the checkpoint folder from a good copy, "
-                          "resume from an earlier checkpoint, or start a new output folder") from None
+        raise ConfigError(f"{path}: not a checkpoint file that loads safely ({type(e).__name__}: {reason}); "
+                          "it is damaged, truncated, replaced or from another DeepSpeed version: restore the "
+                          "checkpoint folder from a good copy, resume from an earlier checkpoint, or start a new "
+                          "output folder") from None
+
+
+def check_files(folder: Path) -> None:
+    """Every `*.pt` file under a checkpoint folder, checked without loading it (no pickle runs):
+    one that needs a class a safe load will not build, or is truncated, is the one-line error of
+    `load_state`, raised before anything is loaded."""
+    allowed = set(DEEPSPEED_GLOBALS)
+    for f in sorted(Path(folder).rglob("*.pt")):
+        try:
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(f) if g not in allowed]
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            unsafe = [f"unreadable: {reason}"]
+        if unsafe:
+            raise ConfigError(f"{f}: not a checkpoint file that loads safely (needs {', '.join(unsafe)}); it is "
+                              "damaged, truncated, replaced or from another DeepSpeed version: restore the "
+                              "checkpoint folder from a good copy, resume from an earlier checkpoint, or start a "
+                              "new output folder")
+
+
+def use_safe_loading(engine: Any) -> None:
+    """Make a DeepSpeed engine read its checkpoint files with `load_state` (DeepSpeed's own
+    TorchCheckpointEngine unpickles them with weights_only=False); other engines are left alone."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    current = getattr(engine, "checkpoint_engine", None)
+    if type(current) is TorchCheckpointEngine:
+        current.load = lambda path, map_location=None: load_state(path, map_location)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -161,6 +161,8 @@ class ConAdvEngine:
                                dist.barrier, self._state_identity())
         if tag is None:
             raise FileNotFoundError(f"checkpoint folder {str(load_dir)!r}: no '{ckpt.LATEST}' file; nothing to resume")
+        ckpt.check_files(Path(load_dir) / tag)  # before anything is loaded: no file needs a class we would not build
+        ckpt.use_safe_loading(self.ds)
         state_file = Path(load_dir) / tag / f"conadv_rank{self.ds.global_rank}.pt"
         state = ckpt.load_state(state_file) if state_file.is_file() else None
         if state is not None:

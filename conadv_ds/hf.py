@@ -183,6 +183,7 @@ class ConAdvTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if resume_from_checkpoint:
+            ckpt.check_files(Path(resume_from_checkpoint))  # every *.pt, before the Trainer or DeepSpeed loads one
             self._resume_from = str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 

@@ -330,6 +330,9 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     if args.resume:
         tag = ckpt.open_folder(saves, None, accelerator.is_main_process, accelerator.wait_for_everyone, identity)
         if tag is not None:
+            ckpt.check_files(saves / tag)  # ours and DeepSpeed's, before anything is loaded
+            if use_deepspeed:
+                ckpt.use_safe_loading(engine)
             state = ckpt.load_state(saves / tag / f"conadv_rank{rank}.pt")
             ckpt.check_same_run(state, identity, str(saves / tag))
             accelerator.load_state(str(saves / tag))

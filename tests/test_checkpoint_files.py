@@ -93,7 +93,7 @@ def test_a_state_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
 
     marker, path = tmp_path / "ran", tmp_path / "conadv_rank0.pt"
     torch.save({"step": 3, "payload": _RunsCode(marker)}, path)
-    with pytest.raises(ConfigError, match=r"conadv_rank0\.pt: not a conadv_ds state file that loads safely") as e:
+    with pytest.raises(ConfigError, match=r"conadv_rank0\.pt: not a checkpoint file that loads safely") as e:
         ckpt.load_state(path)
     assert "\n" not in str(e.value) and not marker.exists()
     torch.load(path, weights_only=False)  # the control: an unsafe load does run it
@@ -104,7 +104,7 @@ def test_a_truncated_state_file_is_one_line(tmp_path):
     path = tmp_path / "conadv_rank1.pt"
     ckpt.atomic_save({"step": 3, "rng": ckpt.rng_state(), "schedule": {"pending": None}}, path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ConfigError, match=r"conadv_rank1\.pt: not a conadv_ds state file") as e:
+    with pytest.raises(ConfigError, match=r"conadv_rank1\.pt: not a checkpoint file") as e:
         ckpt.load_state(path)
     assert "\n" not in str(e.value)
 

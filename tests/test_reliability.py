@@ -29,6 +29,21 @@ def test_resume_is_bit_identical(resumed, case):
         assert resumed[0][case]["sha"] == resumed[1][case]["sha"]  # the same fingerprint on every rank
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_tampered_or_truncated_checkpoint_file_is_refused_and_runs_nothing(resumed, stage):
+    """Each kind of file in a checkpoint folder (ours per rank, DeepSpeed's model states, optimizer
+    states) replaced by a pickle that would run a command, or cut in half: every rank stops with one
+    line naming the file, and the command never ran. (The untouched checkpoint resumes bit-exactly:
+    test_resume_is_bit_identical.)"""
+    for rank in range(WORLD):
+        cases = resumed[rank][f"tampered/z{stage}"]
+        assert set(cases) == {"ours", "model", "optimizer", "truncated"}
+        for kind, case in cases.items():
+            assert case["error"] is not None and "\n" not in case["error"], (kind, case)
+            assert case["file"] in case["error"] and "not a checkpoint file that loads safely" in case["error"]
+            assert not case["ran"], (kind, case)
+
+
 def test_resume_without_conadv_state_would_differ(resumed):
     """Control: the ConAdv state in the checkpoint is what makes the resume exact."""
     for rank in range(WORLD):

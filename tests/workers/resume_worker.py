@@ -91,6 +91,46 @@ def load_error(stage, conadv, ckpt_dir):
     return None
 
 
+class RunsCode:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def tamper_cases(ckpt_dir, stage):
+    """For each kind of file in the ZeRO-`stage` checkpoint `ckpt_dir/la<stage>` (ours per rank,
+    DeepSpeed's model states, optimizer states): a copy of the folder with that file replaced by a
+    code-running pickle (or cut in half) is loaded by every rank: the error and whether the code ran."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    src = Path(ckpt_dir) / f"la{stage}"
+    tag = (src / "latest").read_text().strip()
+    model = "mp_rank_00_model_states.pt" if stage < 3 else "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    files = {"ours": "conadv_rank1.pt", "model": model, "optimizer": "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    out = {}
+    for kind, name in [*((k, n) for k, n in files.items()), ("truncated", files["optimizer"])]:
+        dst, marker = Path(ckpt_dir) / f"tamper{stage}_{kind}", Path(ckpt_dir) / f"ran{stage}_{kind}"
+        if dist.get_rank() == 0:
+            shutil.copytree(src, dst)
+            target = dst / tag / name
+            if kind == "truncated":
+                target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+            else:
+                torch.save({"state": RunsCode(marker)}, target)
+        dist.barrier()
+        out[kind] = {"error": load_error(stage, {"staleness": 1, **RANDOM_ATTACK}, str(dst)), "file": name,
+                     "ran": marker.exists()}
+        dist.barrier()
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
@@ -109,6 +149,8 @@ def main():
     results["lookahead/z2/without_state"] = resume_case(2, {"staleness": 1, **RANDOM_ATTACK}, f"{args.ckpt}/nostate",
                                                         drop_state=True)
     results["nonfinite"] = nonfinite_case()
+    results["tampered/z2"] = tamper_cases(args.ckpt, 2)
+    results["tampered/z3"] = tamper_cases(args.ckpt, 3)
     results["load_tau1_from_tau2"] = load_error(2, {"staleness": 1, **RANDOM_ATTACK}, f"{args.ckpt}/sn2")
     results["load_disadv_from_tau2"] = load_error(2, {"schedule": "disadv", "staleness": 0, **RANDOM_ATTACK}, f"{args.ckpt}/sn2")
     torch.save(results, f"{args.out}.rank{torch.distributed.get_rank()}")
