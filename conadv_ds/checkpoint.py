@@ -85,11 +85,13 @@ def load_state(path: Path, map_location: Any = "cpu") -> Any:
 
 
 def check_files(folder: Path) -> None:
-    """Every `*.pt` file under a checkpoint folder, checked without loading it (no pickle runs):
+    """Every `*.pt` file under a checkpoint folder (and accelerate's `custom_checkpoint_*.pkl`, which
+    it reads with weights_only=False), checked without loading it (no pickle runs):
     one that needs a class a safe load will not build, or is truncated, is the one-line error of
     `load_state`, raised before anything is loaded."""
     allowed = set(DEEPSPEED_GLOBALS)
-    for f in sorted(Path(folder).rglob("*.pt")):
+    files = [*Path(folder).rglob("*.pt"), *Path(folder).rglob("custom_checkpoint_*.pkl")]  # accelerate: unsafe load
+    for f in sorted(files):
         try:
             unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(f) if g not in allowed]
         except Exception as e:
