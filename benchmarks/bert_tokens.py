@@ -56,7 +56,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from conadv_ds.data import text
 
     work = Path(tempfile.mkdtemp(prefix="bert_tokens_"))

@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from . import batch as B
@@ -65,11 +66,13 @@ class PixelSpace(_Space):
 
     def views(self, batch: B.Batch) -> list[B.Batch]:
         """The `parts` blocks of a batch: the clean images first, then their augmented views."""
+        def blocks(t: Tensor) -> Tensor:  # views, no copies
+            return rearrange(t, "(view n) ... -> view n ...", view=self.parts)
+
         if B.is_dict(batch):
-            n = len(batch[self.input_key]) // self.parts
-            return [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(self.parts)]
-        n = len(batch[0]) // self.parts
-        return [(batch[0][i * n:(i + 1) * n], batch[1][i * n:(i + 1) * n]) for i in range(self.parts)]
+            split = {k: blocks(v) for k, v in batch.items()}
+            return [{k: v[i] for k, v in split.items()} for i in range(self.parts)]
+        return list(zip(*(blocks(t) for t in batch)))
 
     def origin(self, model: nn.Module, batch: B.Batch) -> tuple[Tensor, Optional[Tensor]]:
         self.check(batch)
