@@ -1,28 +1,32 @@
 """The masked-LM large-batch study: a small BERT pretrained with LAMB on Python's documentation at a
-small and a large batch, and how much of the large batch's held-out gap each method closes.
+small batch and at 8× and 32× larger ones, and how much of the large batches' held-out gap each
+method closes.
 
 Python's full documentation (Debian's python3.11-doc, prose paragraphs of the reST sources) split by
 document: every tenth document is held out. A deterministic WordPiece vocabulary is built from the
 training documents, texts are packed into fixed-length blocks (transformers' run_mlm.py packing), and
 a fixed number of training blocks is trained on for the same number of epochs at every batch, LAMB
 with linear warmup and linear decay, the learning rate scaled from the smallest batch by the
-square-root rule, ZeRO-2 on 2 CPU ranks.
+square-root rule, ZeRO-2 on 2 CPU ranks. Every cell starts from one warm start (`--warm_steps` LAMB
+steps at the smallest batch): from the initialisation a small BERT first sits on the
+most-frequent-token plateau, and how soon a run leaves it decides more than the batch does.
 
 Methods (every one is LAMB underneath): `lamb`; `disadv` (attack with the current weights);
 `conadv` (the attack made with the weights of the previous step, τ = 1). The attack perturbs the
 word-embedding output: L2, ε per element (`epsilon_scale: per_element`: the ball's radius is
 ε·√(L·d)), a FreeLB random start, one untargeted ascent step of the MLM loss, λ = 0.5. ConAdv also
-runs an ε sweep at the largest batch.
+runs an ε sweep at the largest batch (`--sweep_seeds`).
 
 Every (method, batch, ε, seed) cell evaluates masked-token accuracy and MLM loss on a fixed set of
 masked positions of held-out blocks and of training blocks (eval mode), so the train − held-out
 gap is measured on the same footing. Rows go to `<output_dir>/results.csv` as they finish; a rerun
 skips the cells already there. `results.md`, `summary.json` and `accuracy_vs_batch.png` are written
 at the end (or with `--report_only`); `study.json` holds the settings and the most-frequent-token
-baseline. The seed-0 models are saved (`save_pretrained`, with the tokenizer) under `models/`.
+baseline. The warm start is kept in `warm_start/`, the seed-0 models under `models/`
+(`save_pretrained`, with the tokenizer).
 
     sudo bash scripts/setup_debian.sh                                      # python3.11-doc
-    python benchmarks/bert_large_batch.py --output_dir runs/bert_large_batch
+    python benchmarks/bert_large_batch.py --output_dir runs/bert_large_batch    # ~75 min on 2 cores
     python benchmarks/bert_large_batch.py --quick --output_dir /tmp/q      # embedded help topics, < 1 min
 """
 
@@ -60,13 +64,14 @@ STUDY = Study(reference="lamb", methods=tuple(METHODS), adversarial=ADVERSARIAL,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="runs/bert_large_batch")
-    p.add_argument("--batches", default="16,128", help="global batch sizes (sequences); the smallest is the reference")
-    p.add_argument("--method_batches", default="128", help="the batches every method runs at ('all': every batch)")
+    p.add_argument("--batches", default="16,128,512", help="global batch sizes (sequences); the smallest is the reference")
+    p.add_argument("--method_batches", default="128,512", help="the batches every method runs at ('all': every batch)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--reference_methods", default="lamb", help="methods run at the batches outside --method_batches")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--eps", type=float, default=0.001, help="ε (= step) per element of the word-embedding output")
     p.add_argument("--eps_sweep", default="0.0003,0.003", help="extra ConAdv ε at the largest batch")
+    p.add_argument("--sweep_seeds", default="0,1", help="the seeds the ε sweep runs")
     p.add_argument("--epochs", type=float, default=16)
     p.add_argument("--corpus", default="python-docs", choices=["python-docs", "help-topics"])
     p.add_argument("--train_blocks", type=int, default=2048, help="training blocks (sequences) taken from the corpus")
@@ -90,6 +95,7 @@ def parse_args(argv=None):
         args.corpus, args.batches, args.method_batches, args.epochs = "help-topics", "8,32", "32", 1
         args.train_blocks, args.eval_blocks, args.seq_len, args.vocab_size = 256, 32, 64, 1000
         args.model, args.seeds, args.eps_sweep, args.warm_steps = "32,1,2,64", "0,1", "0.03", 4
+        args.sweep_seeds = "0,1"
     return args
 
 
@@ -112,7 +118,7 @@ def build_grid(args) -> list[tuple[str, int, str, int]]:
     grid = [(m, b, fmt_eps(args.eps) if m in ADVERSARIAL else "0", seed) for seed in seeds for b in batches
             for m in methods if b in full or m in at_ref]
     if "conadv" in methods:
-        grid += [("conadv", max(batches), e, seed) for seed in seeds for e in sweep]
+        grid += [("conadv", max(batches), e, int(seed)) for seed in args.sweep_seeds.split(",") for e in sweep]
     return grid
 
 
