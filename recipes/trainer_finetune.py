@@ -127,7 +127,7 @@ def finetune(args: argparse.Namespace, conadv: dict | None, seed: int) -> dict:
     from conadv_ds.hf import ConAdvTrainer, ConAdvTrainingArguments
 
     path = model_dir(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(getattr(args, "tokenizer_dir", None) or path)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir or path)
     names, train, held = task(tokenizer, args.corpus, args.max_len, args.train_per_class, args.test_per_class)
     common = dict(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
                   learning_rate=args.lr, warmup_steps=max(args.max_steps // 10, 1), weight_decay=0.01,
