@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true")
     args, rest = p.parse_known_args(argv)
     settings = {  # per model: its fine-tuning budget (the study's small BERT trains from a weak start)
-        "minilm": ["--max_steps", "40", "--lr", "1e-4"],
+        "minilm": ["--max_steps", "120", "--lr", "1e-4"],
         "study": ["--max_steps", "300", "--lr", "1e-3", "--batch_size", "32"],
     }
     if args.quick:
