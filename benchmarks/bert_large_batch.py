@@ -33,7 +33,6 @@ baseline. The warm start is kept in `warm_start/`, the seed-0 models under `mode
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import ensure_ranks, rank0
-from study_report import Study, read_rows, report
+from study_report import Study, append_row, check_settings, read_rows, report
 
 METHODS = {
     "lamb": {"enabled": False},
@@ -173,21 +172,6 @@ def prepare(args, out: Path) -> dict:
                          "heldout_masked_positions": int(labels.numel())}}
 
 
-def check_settings(out: Path, args) -> None:
-    """`study.json` records what the rows were trained with; resuming with other settings stops."""
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    path = out / "study.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            raise SystemExit(f"{out}: its results were trained with other settings {diff} (recorded, given); "
-                             "use another --output_dir")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1) + "\n")
-
-
 def record_baseline(out: Path, baseline: dict) -> None:
     path = out / "study.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "baseline": baseline}, indent=1) + "\n")
@@ -224,7 +208,7 @@ def main(argv=None) -> None:
         return
     grid = build_grid(args)
     if "LOCAL_RANK" not in os.environ:
-        check_settings(out, args)  # before any rank starts
+        check_settings(out, {k: getattr(args, k) for k in SETTINGS})  # before any rank starts
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions_large_batch"))
     ensure_ranks()
 
@@ -311,12 +295,7 @@ def main(argv=None) -> None:
             if seed == 0 and (method not in ADVERSARIAL or eps == fmt_eps(args.eps)):
                 engine.module.save_pretrained(str(out / "models" / f"{method}_b{batch}"))
                 data["tokenizer"].save_pretrained(str(out / "models" / f"{method}_b{batch}"))
-            new = not results.is_file()
-            with open(results, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS)
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+            append_row(results, FIELDS, row)
             bar.write(json.dumps(row))
         bar.update(1)
         del engine

@@ -16,7 +16,6 @@ finish (a rerun skips them); `results.md` and `finetune.png` are written at the 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import trainer_finetune as recipe  # noqa: E402
+from study_report import append_row, read_rows  # noqa: E402
 
 FIELDS = ["model", "method", "seed", "accuracy", "robust_lo", "robust_hi", "loss", "seconds", "max_steps", "lr",
           "epsilon", "embedding_rms"]
@@ -52,13 +52,6 @@ def parse_args(argv=None):
     return args
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.output_dir)
@@ -81,12 +74,7 @@ def main(argv=None) -> None:
                        "robust_hi": round(r[f"robust_accuracy@{hi:g}"], 4), "loss": round(r["loss"], 4),
                        "seconds": round(r["seconds"], 1), "max_steps": rargs.max_steps, "lr": rargs.lr,
                        "epsilon": args.epsilon if block else 0, "embedding_rms": round(r["embedding_rms"], 5)}
-                new = not results.is_file()
-                with open(results, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=FIELDS)
-                    if new:
-                        w.writeheader()
-                    w.writerow(row)
+                append_row(results, FIELDS, row)
                 print(json.dumps(row), flush=True)
     report(read_rows(results), out, args.recipe["minilm"].eval_eps.split(","))
 

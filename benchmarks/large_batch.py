@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from harness import ensure_ranks, rank0
-from study_report import Study, read_rows, report
+from study_report import Study, append_row, check_settings, read_rows, report
 
 METHODS = {
     "lars": {"enabled": False},
@@ -132,20 +132,6 @@ def key_of(row: dict) -> tuple[str, int, str, int]:
     return row["method"], int(row["batch"]), fmt_eps(row["eps255"]), int(row["seed"])
 
 
-def check_settings(out: Path, args) -> None:
-    """`study.json` records what the rows were trained with; resuming with other settings stops."""
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    path = out / "study.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            raise SystemExit(f"{out}: its results were trained with other settings {diff} (recorded, given); "
-                             "use another --output_dir")
-    else:
-        path.write_text(json.dumps(settings, indent=1) + "\n")
-
-
 def redo(results: Path, methods: list[str]) -> int:
     """Remove the rows of `methods` from the CSV (the old file kept as results.csv.bak)."""
     rows = read_rows(results)
@@ -171,7 +157,7 @@ def main(argv=None) -> None:
     if not os.environ.get("LARGE_BATCH_PREPARED") and rank0():
         # once per study, before any rank starts: refuse other settings, drop the rows to redo
         out.mkdir(parents=True, exist_ok=True)
-        check_settings(out, args)
+        check_settings(out, {k: getattr(args, k) for k in SETTINGS})
         if args.redo:
             n = redo(results, args.redo.split(","))
             print(f"--redo {args.redo}: removed {n} rows (old CSV kept as {results.with_suffix('.csv.bak')})",
@@ -257,12 +243,7 @@ def main(argv=None) -> None:
                "train_top1": round(train["top1"], 4), "train_loss": round(sum(tail) / len(tail), 4),
                "seconds": round(seconds, 1), "eval_seconds": round(time.time() - start - seconds, 1)}
         if rank0():
-            new = not results.is_file()
-            with open(results, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS)
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+            append_row(results, FIELDS, row)
             bar.write(json.dumps(row))
         bar.update(1)
         del engine, model, stream

@@ -42,6 +42,30 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def append_row(path: Path, fields: list[str], row: dict) -> None:
+    """One finished cell appended to a study's CSV (the header written with the first row)."""
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """`study.json` records what the rows were trained with; resuming with other settings stops."""
+    path = out / "study.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{out}: its results were trained with other settings {diff} (recorded, given); "
+                             "use another --output_dir")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
