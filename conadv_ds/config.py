@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError, FieldError, did_you_mean
 
 CONADV_KEY = "conadv"
+TIMERS_KEY = "timers"
 PIXEL_EPSILON = 9 / 255
 
 
@@ -298,3 +299,13 @@ def check_deepspeed(ds: dict, world_size: int) -> tuple[int, int, int]:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"gradient_clipping={clip!r}: must be a number >= 0")
     return resolve_batch(ds, world_size)
+
+
+def without_timer_syncs(ds: dict) -> dict:
+    """`ds` with DeepSpeed's throughput timer off unless it configures `timers`.
+
+    The timer synchronizes the device at every engine forward made without DeepSpeed's own
+    dataloader, and a ConAdv micro-batch makes three (attack, clean, adversarial): on a GPU,
+    three stalls per micro-batch. Our per-step `samples_per_sec` takes its place: measured over
+    the whole step and closed by the step's one metrics read, it includes the device's work."""
+    return ds if TIMERS_KEY in ds else {**ds, TIMERS_KEY: {"throughput": {"enabled": False}}}

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainingArguments
 
 from . import batch as B
 from . import checkpoint as ckpt
-from .config import CONADV_KEY, ConAdvConfig, load_json, parse_conadv
+from .config import CONADV_KEY, ConAdvConfig, load_json, parse_conadv, without_timer_syncs
 from .errors import ConfigError
 from .objective import Objective, StepMetrics
 from .perturb import resolve_space
@@ -76,7 +76,7 @@ class ConAdvTrainingArguments(TrainingArguments):
             ds = load_json(self.deepspeed)
             ds.pop(CONADV_KEY, None)
             check_zero_support(self.conadv_config, ds, whole_steps=False)
-            self.deepspeed = ds
+            self.deepspeed = without_timer_syncs(ds)
             _gloo_state_for_deepspeed_on_cpu(self)
         super().__post_init__()
 

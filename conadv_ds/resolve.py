@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import optim
-from .config import CONADV_KEY, ConAdvConfig, check_deepspeed, check_finite, load_json, parse_conadv
+from .config import (
+    CONADV_KEY,
+    ConAdvConfig,
+    check_deepspeed,
+    check_finite,
+    load_json,
+    parse_conadv,
+    without_timer_syncs,
+)
 from .errors import ConfigError
 from .split.layout import Layout, plan_layout
 from .stale import check_zero_support
@@ -34,7 +42,8 @@ class BatchPlan:
 @dataclass(frozen=True)
 class RunConfig:
     ds: dict
-    """What DeepSpeed gets: no conadv block; our optimizer, scheduler and lr_scaling removed."""
+    """What DeepSpeed gets: no conadv block; our optimizer, scheduler and lr_scaling removed;
+    the throughput timer off unless configured (`config.without_timer_syncs`)."""
     conadv: ConAdvConfig
     batch: BatchPlan
     layout: Optional[Layout]
@@ -113,5 +122,5 @@ def resolve_config(config: Union[str, Path, dict], overrides: Optional[dict] = N
                           f"{launch_size})") from None
     check_zero_support(conadv, raw)
     ds, opt_spec, sched_spec = optim.prepare_ds_config(raw, world)
-    return RunConfig(ds=ds, conadv=conadv, batch=BatchPlan(tb, micro, gas, world), layout=layout,
+    return RunConfig(ds=without_timer_syncs(ds), conadv=conadv, batch=BatchPlan(tb, micro, gas, world), layout=layout,
                      optimizer=opt_spec, scheduler=sched_spec, launch_size=launch_size)

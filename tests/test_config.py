@@ -242,3 +242,11 @@ def test_recipe_defaults_rank_below_the_json_and_the_flags(block, overrides, exp
     cfg = {**BASE, **({} if block is None else {"conadv": block})}
     run = resolve_config(cfg, overrides, launch_size=2, defaults={"adv_weight": 0.3})
     assert (run.conadv.adv_weight if run.conadv.enabled else None) == expected
+
+
+def test_deepspeeds_throughput_timer_is_off_unless_configured():
+    """DeepSpeed's timer synchronizes the device at every engine forward (three per ConAdv
+    micro-batch): off by default, a `timers` block the user wrote is passed on as written."""
+    assert resolve_config(BASE, launch_size=4).ds["timers"] == {"throughput": {"enabled": False}}
+    mine = {"throughput": {"enabled": True, "synchronized": True}}
+    assert resolve_config({**BASE, "timers": mine}, launch_size=4).ds["timers"] == mine

@@ -114,22 +114,25 @@ def test_the_bert_recipe_goes_through_the_objective(tmp_path, monkeypatch):
 def test_the_bert_recipe_reads_its_statistics_once_per_step(tmp_path):
     """Host reads during the recipe's `main` (3 steps, logged every step, then the final
     evaluation), outside the model's own forward (transformers' sdpa mask check reads once per
-    forward): the same at gradient accumulation 1 and 4, three of them the per-step metrics."""
+    forward) and the final weights' fingerprint (once per run): the same at gradient
+    accumulation 1 and 4, three of them the per-step metrics; no device synchronisation."""
     from tests.common import counting_host_syncs
     from tests.test_recipe_bert import per_rank_demo_config
 
     main = runpy.run_path(str(ROOT / "recipes" / "bert_pretrain.py"))["main"]
 
-    def syncs(ga: int) -> int:
+    def syncs(ga: int):
         config = per_rank_demo_config(tmp_path / f"ga{ga}.json", train_micro_batch_size_per_gpu=4,
                                       gradient_accumulation_steps=ga)
-        with counting_host_syncs(outside=("transformers/models", "transformers/masking_utils")) as count:
+        with counting_host_syncs(outside=("transformers/models", "transformers/masking_utils",
+                                          "conadv_ds/fingerprint.py")) as count:
             main(["--deepspeed_config", str(config), "--max_steps", "3", "--log_interval", "1",
                   "--output_dir", str(tmp_path / f"out{ga}")])
-        return count[0]
+        return count
 
     counts = [syncs(1), syncs(4)]
-    assert counts[0] == counts[1] and 3 <= counts[0] <= 6, counts
+    assert counts[0][0] == counts[1][0] and 3 <= counts[0][0] <= 6, [c.by_name for c in counts]
+    assert not any(name.endswith(".synchronize") for c in counts for name in c.by_name), counts
 
 
 def test_the_engine_goes_through_the_objective(tmp_path):
@@ -149,13 +152,28 @@ def synced(tmp_path_factory):
 
 def test_one_host_sync_per_step_and_collectives_on_the_device(synced):
     """Statistics stay on the device across micro-batches: ConAdv adds the same number of host
-    syncs per optimizer step at gradient accumulation 1 and 4 (at most one: the metrics read),
-    and every tensor handed to a
-    collective during training and evaluation lives on the engine's device."""
+    reads per optimizer step at gradient accumulation 1 and 4 (at most one: the metrics read) and
+    makes no device synchronisation at all, where DeepSpeed's own loop makes some (its throughput
+    timer: the counter sees them); and every tensor handed to a collective during training and
+    evaluation lives on the engine's device."""
     r = synced
-    extra = {gas: r[f"ours_gas{gas}"] - r[f"raw_gas{gas}"] for gas in (1, 4)}
+    extra = {gas: r[f"ours_gas{gas}"]["reads"] - r[f"raw_gas{gas}"]["reads"] for gas in (1, 4)}
     assert extra[1] == extra[4] and extra[1] <= 1, r
+    assert r["ours_gas1"]["device"] == r["ours_gas4"]["device"] == 0, r
+    assert r["raw_gas1"]["device"] > 0 and r["raw_gas4"]["device"] > r["raw_gas1"]["device"], r
     assert r["collective_devices"] == [r["engine_device"]], r
+
+
+def test_the_trainer_under_deepspeed_makes_no_device_sync(synced):
+    """The ConAdvTrainer under DeepSpeed ZeRO-2 (2 ranks): no device synchronisation in the whole
+    `train()`, and host reads beyond the plain Trainer's the same at gradient accumulation 1 and 4
+    (one per log); the plain Trainer's DeepSpeed run synchronizes more often at 4 than at 1 (its
+    throughput timer, at every forward: the counter sees them)."""
+    t = synced["trainer"]
+    assert t["ours_gas1"]["device"] == t["ours_gas4"]["device"] == 0, t
+    assert t["plain_gas4"]["device"] > t["plain_gas1"]["device"] > 0, t
+    extra = {gas: t[f"ours_gas{gas}"]["reads"] - t[f"plain_gas{gas}"]["reads"] for gas in (1, 4)}
+    assert extra[1] == extra[4] <= 2, t
 
 
 def test_zero3_evaluation_on_uneven_shards(synced):

@@ -1,6 +1,8 @@
-"""Runs on 2 CPU ranks: host syncs per optimizer step (Tensor.item/__float__/__int__/__bool__/tolist
-calls) of ConAdvEngine.train_batch against a raw DeepSpeed loop over the same micro-batches, at
-gradient accumulation 1 and 4; and the device of every tensor handed to a collective."""
+"""Runs on 2 CPU ranks: calls that make the host wait for the device (`tests.common.counting_host_syncs`:
+reads and copies to the host, device synchronisations), per optimizer step, of
+ConAdvEngine.train_batch against a raw DeepSpeed loop over the same micro-batches, and of the
+ConAdvTrainer against the plain Trainer under DeepSpeed ZeRO-2, at gradient accumulation 1 and 4;
+and the device of every tensor handed to a collective."""
 
 import argparse
 import json
@@ -80,6 +82,29 @@ def uneven_zero3_evaluation() -> dict:
             "plain_top5": int(top5.sum())}
 
 
+def split(count) -> dict:
+    """{"reads": host reads and copies, "device": device synchronisations} of a count."""
+    device = sum(n for name, n in count.by_name.items() if name.endswith(".synchronize"))
+    return {"reads": count[0] - device, "device": device}
+
+
+def trainer_syncs(out: str) -> dict:
+    """Whole `train()` (4 steps, logging every 2) of the ConAdvTrainer and of the plain Trainer,
+    both under DeepSpeed ZeRO-2 from the same ViT, at gradient accumulation 1 and 4. A ViT's
+    forward reads nothing to the host (BERT's sdpa mask check in transformers does, once per forward)."""
+    from tests.test_hf_trainer import models
+    from tests.workers.hf_worker import run
+
+    make, data, block = models()["vit"]
+    result = {}
+    for gas in (1, 4):
+        for plain in (False, True):
+            with counting_host_syncs() as count:
+                run(f"{out}/trainer{gas}{plain}", 2, block, make, data=data, gas=gas, plain=plain)
+            result[f"{'plain' if plain else 'ours'}_gas{gas}"] = split(count)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -95,7 +120,7 @@ def main():
         with watch, counting_host_syncs() as count:
             for _ in range(steps):
                 engine.train_batch(data)
-        result[f"ours_gas{gas}"] = count[0] / steps
+        result[f"ours_gas{gas}"] = {k: v / steps for k, v in split(count).items()}
         result["engine_device"] = str(engine.device)
         plain = make_model()
         raw, *_ = deepspeed.initialize(model=plain, model_parameters=plain.parameters(), config=ds_config(2, gas))
@@ -109,13 +134,14 @@ def main():
                 x, y = next(data)
                 raw.backward(F.cross_entropy(raw(x), y))
                 raw.step()
-        result[f"raw_gas{gas}"] = count[0] / steps
+        result[f"raw_gas{gas}"] = {k: v / steps for k, v in split(count).items()}
     from conadv_ds.evaluation import evaluate
 
     with watch:
         evaluate(engine.module, [rank_slice(digits_batches(1)[0][0], 0)], epsilon=0.05, steps=1, device=engine.device)
     result["collective_devices"] = sorted(watch.devices)
     result["uneven_zero3"] = uneven_zero3_evaluation()
+    result["trainer"] = trainer_syncs(out)
     if dist.get_rank() == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
