@@ -5,21 +5,27 @@ ZeRO-2 with the optimizer offloaded to the CPU.
 Stages 1 and 3 (and the offload run) use small CPU blocks, so that every layer is cut into
 several chunks; 0 and 2 the default blocks. Every collective call made inside the inner
 optimizer's step is recorded (tensor device, elements), per step call, with the devices of the
-parameters that step updates."""
+parameters that step updates. Last, each optimizer on a flat tensor of which rank 1 owns no
+piece, over a gloo group with a short timeout (a rank that skipped the reduction would make the
+other one time out instead of hang); every rank saves its own result."""
 
 import argparse
 import os
 import sys
+from datetime import timedelta
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
+from conadv_ds import optim  # noqa: E402
 from conadv_ds.cli import run_launched  # noqa: E402
 from conadv_ds.optim import LAMB, LARS, multi_tensor  # noqa: E402
+from conadv_ds.optim.zero_layout import FlatLayout  # noqa: E402
 from tests.test_optim import MICRO, OPTIMIZERS, make_mlp, mlp_batches  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -87,6 +93,39 @@ def run(stage, name, naive=False, offload=False, block=None):
     return {"params": params, "collectives": RECORDER.calls, "param_devices": RECORDER.devices}
 
 
+def rank_without_a_piece() -> dict:
+    """A flat tensor of 3 layers × 2 elements: rank 0 owns every piece, rank 1 none (its flat
+    tensor is padding: zeros). Both step once; rank 0's result next to the same optimizer on the
+    3 layers as separate parameters in this process (nothing to reduce)."""
+    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=20))
+    rank = torch.distributed.get_rank()
+    g = torch.Generator().manual_seed(0)
+    w, grad = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    out = {}
+    for name in OPTIMIZERS:
+        multi_tensor.BLOCK_ELEMENTS = None
+        flat = nn.Parameter(w.clone() if rank == 0 else torch.zeros(6))
+        flat.grad = grad.clone() if rank == 0 else torch.zeros(6)
+        opt = getattr(optim, name)([{"params": [flat], "weight_decay": 0.0, "adapt": True}],
+                                   **OPTIMIZERS[name]["params"])
+        opt.bind_layouts({id(flat): FlatLayout(num_layers=3, segments=[(i, 2 * i, 2) for i in range(3)] if rank == 0
+                                               else [], group=group)})
+        try:
+            opt.step()
+            error = None
+        except RuntimeError as e:  # the other rank did not take part in the reduction
+            error = str(e).splitlines()[0]
+        layers = [nn.Parameter(w[2 * i:2 * i + 2].clone()) for i in range(3)]
+        for i, p in enumerate(layers):
+            p.grad = grad[2 * i:2 * i + 2].clone()
+        alone = getattr(optim, name)([{"params": layers, "weight_decay": 0.0, "adapt": True}],
+                                     **OPTIMIZERS[name]["params"])
+        alone.step()
+        out[name] = {"error": error, "flat": flat.detach().clone(),
+                     "alone": torch.cat([p.detach() for p in layers]), "start": w}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -100,8 +139,10 @@ def main():
     from deepspeed.accelerator import get_accelerator
 
     results["accelerator_device"] = str(torch.device(get_accelerator().current_device_name()))
+    no_piece = rank_without_a_piece()
     if torch.distributed.get_rank() == 0:
         torch.save(results, args.out)
+    torch.save(no_piece, f"{args.out}.no_piece{torch.distributed.get_rank()}")
 
 
 if __name__ == "__main__":
