@@ -91,12 +91,10 @@ class ConAdvEngine:
         start = time.perf_counter()
         prepared = self.schedule.prepare(self.ds.global_steps, Pull(lambda: self._pull(data_iter), data_iter))
         stats = StepMetrics()
-        for i, (batch, delta) in enumerate(prepared):
+        for batch, delta in prepared:
             micro = self.objective(self._forward, batch, delta)
             stats.add(micro.stats)
             self.ds.backward(micro.loss)
-            if i == len(prepared) - 1:
-                self.schedule.before_update()
             self.ds.step()
         lrs = self.ds.get_lr()
         metrics = {"step": float(self.ds.global_steps), **stats.read(), "lr": float(lrs[0]) if lrs else 0.0,

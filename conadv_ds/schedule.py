@@ -56,9 +56,6 @@ class Schedule(Protocol):
     def attack_micro(self, step: int, micro: int, batch: B.Batch, last: bool) -> Optional[Tensor]:
         """δ for micro-batch `micro` of step `step`, handed over alone; `last` on the step's final one."""
 
-    def before_update(self) -> None:
-        """Called before the optimizer step changes the weights."""
-
     def stop(self, step: int) -> None:
         """Training ends at `step`: release whatever serves the schedule (attacker ranks)."""
 
@@ -77,9 +74,6 @@ class Clean:
 
     def attack_micro(self, step: int, micro: int, batch: B.Batch, last: bool) -> Optional[Tensor]:
         return None
-
-    def before_update(self) -> None:
-        pass
 
     def stop(self, step: int) -> None:
         pass

@@ -356,11 +356,9 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
             records["weights"].append(_full_state(module))
         start = time.perf_counter()
         batches = schedule.prepare(step, pull)
-        for i, (batch, delta) in enumerate(batches):
+        for batch, delta in batches:
             with accelerator.accumulate(model):
                 micro_step = objective(forward, batch, delta)
-                if i == len(batches) - 1:  # under DeepSpeed, accelerate's backward is also the update
-                    schedule.before_update()
                 accelerator.backward(micro_step.loss)
                 optimizer.step()
                 optimizer.zero_grad()

@@ -12,10 +12,10 @@ DeepSpeedEngine. `link.py` wires the process groups; `wire.py` is the message fo
 Protocol, per trainer step t (`trainer.Remote.prepare`), τ = staleness:
 
 - the trainer pulls its micro-batches up to step t+τ (steps 0..τ at the first step) and sends
-  every attacker a header and its share of the live weights w_t (`shares.py`). On the CPU the
-  share is sent straight from the parameters, with no copy: the engine calls
-  `before_update()` before the optimizer step, which waits until those sends have left, so the
-  weights never change under a send in flight. On other devices the share is a CPU copy;
+  every attacker a header and its share of the live weights w_t (`shares.py`), as a host copy:
+  the optimizer updates the weights while the copy is in flight, and the trainer never waits
+  for its sends. They are released once the δ computed from them (step t+τ's) comes back (the
+  attacker then provably holds them): at most τ + 1 steps' copies are held;
 - to the attacker that serves it, the trainer also sends the newly pulled micro-batches (the
   attacker sees exactly what the trainer trains on, from any data pipeline), its BatchNorm
   buffers and its modules' train/eval modes;

@@ -49,9 +49,6 @@ class Remote:
         """Seconds the last `prepare` waited for δ: 0 when the attacker keeps up."""
         self._warned = False
         self.stopped = False
-        self.weight_sends: list[Any] = []
-        self.staged: list[Tensor] = []
-        self.sent_step = 0
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ConfigError(f"conadv.schedule='split': the model's parameters have several dtypes "
@@ -67,24 +64,14 @@ class Remote:
         return (p.ds_tensor if self.zero3 else p.data).reshape(-1)
 
     def _weight_pieces(self) -> list[Tensor]:
-        """This trainer's share of the live weights, piece by piece: on the CPU views of the
-        parameters themselves (no copy; `before_update` keeps the optimizer from changing them
-        while they are sent), elsewhere CPU copies."""
-        return [self._local(i)[lo:lo + n].cpu() for i, lo, _, n in self.pieces]
-
-    def before_update(self) -> None:
-        """Called by the engine before the optimizer changes the weights: waits until the shares
-        of w_t sent at the start of this step have left (they have, unless the attacker is still
-        busy with an earlier step). The attackers then hold this step's header and every message
-        of earlier steps, so those sends are released too."""
-        self.outbox.wait(self.weight_sends, before=self.sent_step)
-        self.weight_sends, self.staged = [], []
+        """This trainer's share of the live weights, piece by piece, as host copies: the sends read
+        the copies, so the optimizer updates the weights while they are in flight and the trainer
+        never waits for them. On an accelerator this is the schedule's one device-to-host copy
+        per step: gloo sends from host memory."""
+        return [self._local(i)[lo:lo + n].to("cpu", copy=True) for i, lo, _, n in self.pieces]
 
     def _send_job(self, step: int, new: list[int]) -> None:
-        self.before_update()  # a step that ended without an update (an exception) left its sends pending
         weights = self._weight_pieces()
-        self.sent_step = step
-        self.staged = [] if self.device.type == "cpu" else weights
         for a in self.link.layout.attackers:
             payload = None
             if a == self.attacker and new:
@@ -94,7 +81,8 @@ class Remote:
                                           [m.training for m in self.module.modules()])
             length = 0 if payload is None else payload.numel()
             self.outbox.send(wire.encode_header(wire.JOB, step, length), a, wire.TAG_HEADER, step)
-            self.weight_sends += [self.outbox.send(piece, a, wire.TAG_WEIGHTS, step) for piece in weights]
+            for piece in weights:
+                self.outbox.send(piece, a, wire.TAG_WEIGHTS, step)
             if payload is not None:
                 self.outbox.send(payload, a, wire.TAG_PAYLOAD, step)
         for s in new:
@@ -152,6 +140,10 @@ class Remote:
             if w is not None:
                 w.wait()
         self.last_wait = time.perf_counter() - start
+        # δ of `step` was computed from the weights sent at step - τ: the attacker holds every
+        # message of that step and before, so their sends (and weight copies) are released
+        # without blocking; at most τ + 1 steps' copies are held
+        self.outbox.wait(before=step - self.tau + 1)
         return [(b, d.to(self.device)) for b, d in zip(current.batches, current.deltas)]
 
     def stop(self, step: int) -> None:
@@ -177,10 +169,9 @@ class Remote:
         self.outbox.wait()
 
     def extra_bytes(self) -> int:
-        """Bytes held for the attackers and from them: weight copies (none on the CPU, where the
-        parameters are sent as they are; this trainer's CPU-staged share on other devices), and
-        the micro-batches pulled ahead with the δ received for them."""
-        return tensor_bytes(self.staged) + tensor_bytes([(st.batches, st.deltas) for st in self.queue.values()])
+        """Bytes held for the attackers and from them: the messages in flight (weight copies of
+        up to τ + 1 steps), and the micro-batches pulled ahead with the δ received for them."""
+        return tensor_bytes(self.outbox.held()) + tensor_bytes([(st.batches, st.deltas) for st in self.queue.values()])
 
     def state_dict(self) -> dict:
         """The micro-batches pulled ahead with their δ (waited for): a resumed run trains them
