@@ -9,6 +9,9 @@
   statistics only, as the official code's split of one concatenated batch does.
 - `attack_bn_mode` fixes the BatchNorm mode of the attack forward and guarantees that the
   attack never changes running statistics.
+- `fp32_batchnorm` makes every BatchNorm normalise in fp32 with fp32 running statistics under
+  bf16/fp16 training, as the official code does: a half-precision running variance updated by
+  momentum 0.1 loses most of each update.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from contextlib import contextmanager
 from typing import Iterator, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -103,3 +107,55 @@ def attack_bn_mode(module: nn.Module, mode: Literal["eval", "train"]) -> Iterato
             m.training = training
             for k, b in buffers.items():
                 getattr(m, k).copy_(b)
+
+
+class _Fp32BatchNormMixin:
+    """`_BatchNorm.forward` computed in fp32 (input, affine parameters, running statistics kept in
+    fp32); the output in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        out = F.batch_norm(x.float(), self.running_mean if not self.training or self.track_running_stats else None,
+                           self.running_var if not self.training or self.track_running_stats else None,
+                           None if self.weight is None else self.weight.float(),
+                           None if self.bias is None else self.bias.float(), batch_stats, momentum, self.eps)
+        return out.to(x.dtype)
+
+
+_FP32_TYPES: dict[type, type] = {}
+
+
+def _fp32_type(bn_type: type) -> type:
+    if bn_type not in _FP32_TYPES:
+        _FP32_TYPES[bn_type] = type(f"Fp32{bn_type.__name__}", (_Fp32BatchNormMixin, bn_type), {})
+    return _FP32_TYPES[bn_type]
+
+
+def fp32_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm of `module` (auxiliary branches included) compute in fp32, in place.
+    Call before `initialize`; its running statistics then stay fp32 (leave DeepSpeed's
+    `data_types.buffer_dtype` unset)."""
+    for m in module.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            raise ValueError(f"fp32_batchnorm: {type(m).__name__} is not supported (its forward synchronizes "
+                             "statistics across ranks); use BatchNorm layers")
+        if not isinstance(m, _BatchNorm):
+            continue
+        if not isinstance(m, _Fp32BatchNormMixin):
+            aux = isinstance(m, _AuxBatchNormMixin)
+            plain = _fp32_type(type(m).__bases__[1] if aux else type(m))
+            m.__class__ = _aux_type(plain) if aux else plain
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                setattr(m, name, b.float())
+    return module
+
+
+def is_fp32_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, _Fp32BatchNormMixin)

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import optim
 from .batch import LossFn, default_loss
-from .bn import convert_aux_bn, has_aux_bn
+from .bn import convert_aux_bn, has_aux_bn, is_fp32_batchnorm
 from .engine import ConAdvEngine
 from .errors import ConfigError
 from .perturb import Space, resolve_space
@@ -21,16 +21,24 @@ from .split.attacker import SplitAttacker
 
 
 def _check_precision(ds_config: dict, model: nn.Module) -> None:
-    """DeepSpeed casts parameters but not buffers to fp16/bf16, so BatchNorm would fail at the first
-    forward with a dtype mismatch unless the buffers are cast too."""
+    """DeepSpeed casts parameters but not buffers to fp16/bf16: a half-precision BatchNorm would
+    fail at the first forward with a dtype mismatch unless the buffers are cast too, and an fp32
+    one (`bn.fp32_batchnorm`) needs them left in fp32."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
     for mode in ("bf16", "fp16"):
-        if ds_config.get(mode, {}).get("enabled") is True and any(isinstance(m, _BatchNorm) for m in model.modules()):
-            buffer_dtype = ds_config.get("data_types", {}).get("buffer_dtype")
-            if buffer_dtype is None:
-                raise ConfigError(f"{mode}.enabled=true with BatchNorm layers in the model: DeepSpeed keeps buffers "
-                                  f"in fp32; set \"data_types\": {{\"buffer_dtype\": \"{mode}\"}}")
+        layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+        if ds_config.get(mode, {}).get("enabled") is not True or not layers:
+            continue
+        buffer_dtype = ds_config.get("data_types", {}).get("buffer_dtype")
+        fp32 = all(is_fp32_batchnorm(m) for m in layers)
+        if fp32 and buffer_dtype is not None:
+            raise ConfigError(f"data_types.buffer_dtype={buffer_dtype!r} with fp32 BatchNorm (conadv_ds.bn."
+                              "fp32_batchnorm): its running statistics stay fp32; remove buffer_dtype")
+        if not fp32 and buffer_dtype is None:
+            raise ConfigError(f"{mode}.enabled=true with BatchNorm layers in the model: DeepSpeed keeps buffers "
+                              "in fp32; call conadv_ds.bn.fp32_batchnorm(model) before initialize (BatchNorm in "
+                              f"fp32, as the official code), or set \"data_types\": {{\"buffer_dtype\": \"{mode}\"}}")
 
 
 def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parameters: Any = None,

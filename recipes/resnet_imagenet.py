@@ -73,7 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_interval", type=count, default=0, help="checkpoint every N steps (0: per epoch only)")
     p.add_argument("--save_total_limit", type=count, default=3,
                    help="keep the newest N checkpoints in output_dir (0: keep all); the latest is never deleted")
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--num_workers", type=count,
+                   help="DataLoader workers per rank (default: none for the embedded in-memory sets, else this "
+                        "process's CPUs shared among the node's ranks, up to 8); pinned memory on accelerators")
+    p.add_argument("--channels_last", action="store_true",
+                   help="images in NHWC memory format: cuDNN then runs NHWC (tensor-core) convolutions; the weights "
+                        "stay NCHW, as DeepSpeed keeps them in flat buffers")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the model's forward, which the attack runs too (default backend inductor); "
+                        "DeepSpeed's engine.compile() would also trace its forward hook, whose guard on the "
+                        "micro-step counter recompiles at every micro-batch")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     return p.parse_args(argv)
 
@@ -204,6 +213,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     from tqdm import tqdm
 
     import conadv_ds
+    from conadv_ds.bn import fp32_batchnorm
     from conadv_ds.data import vision as data
     from conadv_ds.evaluation import evaluate
     from conadv_ds.fingerprint import weights_sha256
@@ -216,6 +226,11 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     check_batch(tb, len(images.train), images.name, args.deepspeed_config)
     torch.manual_seed(args.seed)
     model = build_classifier(recipe.model, images.num_classes, images.channels, images.mean, images.std)
+    if any(plan.run.ds.get(mode, {}).get("enabled") is True for mode in ("bf16", "fp16")) \
+            and "buffer_dtype" not in plan.run.ds.get("data_types", {}):
+        fp32_batchnorm(model)  # as the official code: BatchNorm and its statistics in fp32
+    if args.compile:  # the model's forward alone: DeepSpeed's forward hooks stay eager (see --compile)
+        model.forward = torch.compile(model.forward, backend=args.compile)
 
     def loss_fn(logits, batch):
         return F.cross_entropy(logits.float(), batch[1], label_smoothing=recipe.label_smoothing)
@@ -237,7 +252,8 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     if (args.resume or args.eval_only) and (out / "latest").is_file():
         engine.load_checkpoint(str(out))
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else None
-    val = data.eval_loader(images.val, recipe.eval_batch_size, rank, world, args.num_workers)
+    loading = data.LoaderOptions.for_rank(images.train, engine.device, args.num_workers)
+    val = data.eval_loader(images.val, recipe.eval_batch_size, rank, world, loading)
 
     def run_eval(tag: str) -> dict:
         res = evaluate(engine.module, val, recipe.eval_epsilon, recipe.eval_steps, device=engine.device, dtype=dtype)
@@ -257,8 +273,10 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
         return
     # with autoaugment each of the `micro` images comes with its AutoAugment view (and, attacked,
     # its adversarial copy): train_batch_size counts distinct images, as in the official batch
-    stream = data.train_stream(images.train, micro, rank, world, args.seed,
-                               args.num_workers, collate_fn=data.concat_views if recipe.autoaugment else None)
+    collate = data.concat_views if recipe.autoaugment else None
+    if args.channels_last:
+        collate = data.channels_last(collate)
+    stream = data.train_stream(images.train, micro, rank, world, args.seed, loading, collate_fn=collate)
     stream = itertools.islice(stream, engine.micro_batches_pulled, None)
     bar = tqdm(total=total, initial=engine.global_steps, disable=rank != 0, desc="train", dynamic_ncols=True)
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None

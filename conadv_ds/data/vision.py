@@ -13,10 +13,11 @@ in pixel units) and integer labels.
 from __future__ import annotations
 
 import gzip
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -179,6 +180,20 @@ def with_autoaugment(data: ImageData) -> ImageData:
                      data.mean, data.std)
 
 
+@dataclass(frozen=True)
+class channels_last:
+    """`collate` (default: the DataLoader's) with the images in channels-last memory format,
+    converted in the loader's workers: the copy to the device keeps the format."""
+
+    collate: Optional[Callable] = None
+
+    def __call__(self, items):
+        from torch.utils.data import default_collate
+
+        x, y = (self.collate or default_collate)(items)
+        return x.contiguous(memory_format=torch.channels_last), y
+
+
 def concat_views(items):
     """Collate (clean, augmented, label) items into `(cat[clean, augmented], cat[label, label])`:
     the clean half comes first so the attack can take it alone."""
@@ -198,14 +213,42 @@ def load(name: str, data_dir: Optional[str], autoaugment: bool = False, image_si
     return with_autoaugment(data) if autoaugment else data
 
 
-def train_stream(dataset: Dataset, micro_batch: int, rank: int, world_size: int, seed: int, num_workers: int = 0,
-                 collate_fn=None, start_epoch: int = 0) -> Iterator:
+MAX_DEFAULT_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a rank's DataLoaders feed the device: worker processes (kept across epochs) and
+    page-locked batches on an accelerator, so that the copy to the device can overlap compute."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    @classmethod
+    def for_rank(cls, dataset: Dataset, device: Union[str, torch.device],
+                 num_workers: Optional[int] = None) -> "LoaderOptions":
+        """`num_workers` None: none for tensors already in memory (nothing to decode or augment),
+        else this process's CPUs shared among the node's ranks, at most `MAX_DEFAULT_WORKERS`."""
+        if num_workers is None:
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            num_workers = 0 if isinstance(dataset, TensorDataset) else \
+                max(1, min(MAX_DEFAULT_WORKERS, cpus // max(local_ranks, 1) - 1))
+        return cls(num_workers, torch.device(device).type != "cpu")
+
+    def kwargs(self) -> dict:
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                "persistent_workers": self.num_workers > 0}
+
+
+def train_stream(dataset: Dataset, micro_batch: int, rank: int, world_size: int, seed: int,
+                 options: LoaderOptions = LoaderOptions(), collate_fn=None, start_epoch: int = 0) -> Iterator:
     """Micro-batches of this rank's shard, epoch after epoch, as ONE iterator: a lookahead that
     reaches into the next epoch stays exact. Incomplete last batches are dropped."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
-    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                        num_workers=num_workers, collate_fn=collate_fn, persistent_workers=num_workers > 0)
+    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True, collate_fn=collate_fn,
+                        **options.kwargs())
     epoch = start_epoch
     while True:
         sampler.set_epoch(epoch)
@@ -234,7 +277,8 @@ class PaddedShard(Dataset):
         return x, torch.as_tensor(IGNORE_INDEX) if isinstance(y, torch.Tensor) else IGNORE_INDEX
 
 
-def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int,
+                options: LoaderOptions = LoaderOptions()) -> DataLoader:
     """Every held-out sample counted exactly once across ranks, in the same number of batches on
     every rank (`PaddedShard`)."""
-    return DataLoader(PaddedShard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
+    return DataLoader(PaddedShard(dataset, rank, world_size), batch_size=batch_size, **options.kwargs())
