@@ -124,6 +124,7 @@ class StepMetrics:
         if self.sums is None:
             return {}
         n = self.micro * world_size(group)
+        # the step's one host read (it waits for the device): every statistic in one tensor
         v = dict(zip(_FIELDS, all_reduce_sum(self.sums, group).tolist()))
         m = {"loss": v["loss"] / n}
         if self.has_clean:

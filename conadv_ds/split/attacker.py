@@ -92,6 +92,7 @@ class SplitAttacker:
         for s, batches in zip(job["steps"], job["batches"]):
             for micro, batch in enumerate(batches):
                 batch = B.to_device(batch, self.device)
+                # to the host for gloo: the attacker rank's one device-to-host copy per micro-batch
                 delta = self.adversaries[trainer](batch, s, micro).detach().cpu().contiguous()
                 if trainer not in self._described:
                     trailing = delta.shape[self.space.delta_shape_key(self.space.adversarial_part(batch)).dim():]

@@ -75,6 +75,9 @@ class Remote:
         for a in self.link.layout.attackers:
             payload = None
             if a == self.attacker and new:
+                # gloo sends from host memory: the new micro-batches and the BatchNorm buffers are
+                # copied to the host once per step (on an accelerator, with the weights, the
+                # schedule's device-to-host copies)
                 cpu = torch.device("cpu")
                 payload = wire.encode_job(new, [[B.to_device(b, cpu) for b in self.queue[s].batches] for s in new],
                                           [b.detach().cpu() for b in self.module.buffers()],
