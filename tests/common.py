@@ -4,18 +4,11 @@ in plain PyTorch that know nothing of conadv_ds or DeepSpeed."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")
-"""Tensor methods that bring values to the host (on an accelerator, each waits for the device);
-`Tensor.to` counts too when its target is written as the host ("cpu"): a move to the engine's
-device is the same call on the CPU and is not counted."""
 
 WORLD = 2
 MICRO = 8
@@ -151,78 +144,9 @@ def reference_train(steps: list, mode: str, tau: int = 0, lam: float = 0.5, seed
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _device_synchronizers() -> list[tuple[object, str]]:
-    """(owner, name) of every call that makes the host wait for the device: DeepSpeed's
-    accelerator, torch's per-device modules and the stream and event classes."""
-    from deepspeed.accelerator import get_accelerator
-
-    owners = [type(get_accelerator()), torch.cuda, torch.cpu, torch.accelerator, torch.cuda.Stream, torch.cuda.Event]
-    return [(o, "synchronize") for o in owners if hasattr(o, "synchronize")]
-
-
-def _to_host(args: tuple, kwargs: dict) -> bool:
-    target = kwargs.get("device", args[0] if args else None)
-    return target == "cpu" or (isinstance(target, str) and target.startswith("cpu:"))
-
-
-@contextlib.contextmanager
 def counting_host_syncs(outside: tuple[str, ...] = ()):
-    """Counts, inside the block, every call that makes the host wait for the device: reads and
-    copies to the host (`HOST_READS`, `.to("cpu")`) and device synchronisations (DeepSpeed's
-    `get_accelerator().synchronize`, `torch.cuda/cpu/accelerator.synchronize`, stream and event
-    `synchronize`) — on the CPU all of them return at once, on a GPU each is a stall. Calls made
-    (at any depth) from a file whose path contains one of `outside` are not counted, so
-    everything below such a frame goes uncounted too (under ZeRO-3, the parameter hooks a
-    model's forward runs). Yields a list whose one item is the count; `.by_name` splits it."""
-    import traceback
+    """`conadv_ds.syncs.SyncCounter` on the suite's device (the CPU): the calls that would make
+    the host wait for a GPU."""
+    from conadv_ds.syncs import SyncCounter
 
-    count = _Count()
-
-    def counted(name: str) -> None:
-        if not outside or not any(part in frame.filename for frame in traceback.extract_stack() for part in outside):
-            count[0] += 1
-            count.by_name[name] += 1
-
-    def reading(name, original):
-        def call(self, *args, **kwargs):
-            counted(f"Tensor.{name}")
-            return original(self, *args, **kwargs)
-        return call
-
-    def moving(original):
-        def call(self, *args, **kwargs):
-            if _to_host(args, kwargs):
-                counted("Tensor.to(cpu)")
-            return original(self, *args, **kwargs)
-        return call
-
-    def synchronizing(owner, original):
-        name = f"{getattr(owner, '__name__', owner)}.synchronize"
-
-        def call(*args, **kwargs):
-            counted(name)
-            return original(*args, **kwargs)
-        return call
-
-    patches = [(torch.Tensor, n, reading(n, getattr(torch.Tensor, n))) for n in HOST_READS]
-    patches.append((torch.Tensor, "to", moving(torch.Tensor.to)))
-    patches += [(o, n, synchronizing(o, getattr(o, n))) for o, n in _device_synchronizers()]
-    own = [(o, n, vars(o).get(n)) for o, n, _ in patches]  # None: inherited, removed again afterwards
-    for o, n, f in patches:
-        setattr(o, n, f)
-    try:
-        yield count
-    finally:
-        for o, n, f in own:
-            if f is None:
-                delattr(o, n)
-            else:
-                setattr(o, n, f)
-
-
-class _Count(list):
-    """[total], split by call in `by_name`."""
-
-    def __init__(self):
-        super().__init__([0])
-        self.by_name: collections.Counter = collections.Counter()
+    return SyncCounter("cpu", outside)

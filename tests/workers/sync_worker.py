@@ -84,8 +84,7 @@ def uneven_zero3_evaluation() -> dict:
 
 def split(count) -> dict:
     """{"reads": host reads and copies, "device": device synchronisations} of a count."""
-    device = sum(n for name, n in count.by_name.items() if name.endswith(".synchronize"))
-    return {"reads": count[0] - device, "device": device}
+    return {"reads": count.count - count.device_syncs, "device": count.device_syncs}
 
 
 def trainer_syncs(out: str) -> dict:
