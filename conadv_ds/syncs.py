@@ -6,7 +6,9 @@ On a GPU each of them is a stall: the host stops queueing work until the device 
 stream and event `synchronize`) and reads or copies of a tensor on the device to the host
 (`READS`, `.to("cpu")`). On the CPU nothing waits, but the same calls are made, so a count taken
 there is the count a GPU run would pay — except `.to`, where a move to the engine's device and a
-copy to the host are the same call: on the CPU only a copy written as `.to("cpu")` is counted.
+copy to the host are the same call: on the CPU only a copy written as `.to("cpu")` is counted
+(DeepSpeed's moves to `get_accelerator().current_device_name()`, the string "cpu" there, are
+counted too: compare counts with and without ConAdv, not absolute ones).
 """
 
 from __future__ import annotations
