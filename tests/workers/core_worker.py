@@ -14,6 +14,7 @@ import deepspeed  # noqa: E402
 
 import conadv_ds  # noqa: E402
 from benchmarks.harness import held_bytes  # noqa: E402
+from conadv_ds.bn import fp32_batchnorm  # noqa: E402
 from conadv_ds.cli import run_launched  # noqa: E402
 from tests.common import (  # noqa: E402
     DETERMINISTIC,
@@ -22,6 +23,7 @@ from tests.common import (  # noqa: E402
     make_model,
     rank_slice,
 )
+from tests.reference_attack import SCHEDULER, SHIPPED, SHIPPED_L2, recorded_draws  # noqa: E402
 
 STEPS = 4
 
@@ -32,18 +34,30 @@ def full_params(module) -> list[torch.Tensor]:
         return [p.detach().clone().float() for p in params]
 
 
-def run_ours(stage, conadv, gas=1, zero=None, record=False, extra=None):
-    model = make_model()
+def master_params(engine) -> list[torch.Tensor]:
+    """The optimizer's fp32 copy of every parameter (under bf16, what the update is applied to)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.parameters()]
+
+
+def run_ours(stage, conadv, gas=1, zero=None, record=False, extra=None, fp32_bn=False):
+    """Trains STEPS steps; with `record`, keeps every attack's δ and the random numbers it drew
+    (`recorded_draws`), per (step, micro-batch); `fp32_bn`: BatchNorm in fp32, as the recipes
+    train in bf16."""
+    model = fp32_batchnorm(make_model()) if fp32_bn else make_model()
     engine, *_ = conadv_ds.initialize(model=model, config={**ds_config(stage, gas, conadv, **(zero or {})),
                                                            **(extra or {})})
     rank = engine.global_rank
-    deltas = {}
+    initial = full_params(engine.module)
+    deltas, draws = {}, {}
     if record and hasattr(engine.schedule, "attack"):
         attack = engine.schedule.attack
 
         def recording(batch, step, micro):
-            d = attack(batch, step, micro)
-            deltas[step, micro] = d.clone()
+            with recorded_draws() as log:
+                d = attack(batch, step, micro)
+            deltas[step, micro], draws[step, micro] = d.clone(), log
             return d
 
         engine.schedule.attack = recording
@@ -56,7 +70,9 @@ def run_ours(stage, conadv, gas=1, zero=None, record=False, extra=None):
             memory = {"accounted": engine.stale_bytes(), "measured": held_bytes(engine.schedule, engine.ds, data),
                       "one_step_with_delta": sum(2 * x.nbytes + y.nbytes
                                                  for x, y in micro_batches[(step + 1) * gas:(step + 2) * gas])}
-    return {"params": full_params(engine.module), "deltas": deltas, "metrics": metrics, "memory": memory,
+    bf16_master = engine.bfloat16_enabled() and stage > 0  # at ZeRO-0, safe_get_full_fp32_param finds none
+    return {"initial": initial, "params": full_params(engine.module), "deltas": deltas, "draws": draws,
+            "master": master_params(engine) if bf16_master else None, "metrics": metrics, "memory": memory,
             "model_bytes": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                for p in engine.module.parameters()) * 4}
 
@@ -85,6 +101,7 @@ def run_bert(stage, conadv):
     cfg = ds_config(stage, 1, {"space": "embedding", "norm": "l2", "epsilon": 1.0, "step_size": 0.5, "steps": 2,
                                "targeted": False, **conadv})
     engine, *_ = conadv_ds.initialize(model=model, config=cfg)
+    initial = full_params(engine.module)
     g = torch.Generator().manual_seed(100 + engine.global_rank)
     batches = []
     for _ in range(STEPS):
@@ -96,7 +113,7 @@ def run_bert(stage, conadv):
     torch.manual_seed(7)  # the training RNG (dropout); the attack must not advance it
     data = iter(batches)
     metrics = [engine.train_batch(data) for _ in range(STEPS)]
-    return {"params": full_params(engine.module), "metrics": metrics}
+    return {"initial": initial, "params": full_params(engine.module), "metrics": metrics}
 
 
 def grads_untouched(stage):
@@ -143,6 +160,9 @@ def main():
         results[f"snapshot1/z{stage}/bf16"] = run_ours(stage, {**la, **sn}, extra=bf16)
         results[f"bert/lookahead/z{stage}"] = run_bert(stage, {"staleness": 1})
         results[f"bert/snapshot/z{stage}"] = run_bert(stage, {"staleness": 1, "stale_weights": "snapshot"})
+    # controls of the bounds above: a 10% smaller ε is a real difference
+    results["lookahead1/z0/bf16/eps0.9"] = run_ours(0, {**la, "epsilon": 0.9 * la["epsilon"]}, extra=bf16)
+    results["bert/lookahead/z0/eps0.9"] = run_bert(0, {"staleness": 1, "epsilon": 0.9})
     for stage in (0, 3):
         results[f"auxbn/lookahead/z{stage}"] = run_ours(stage, {**la, "aux_bn": True})
         results[f"auxbn/snapshot/z{stage}"] = run_ours(stage, {**la, **sn, "aux_bn": True})
@@ -151,6 +171,14 @@ def main():
             evalbn = {**la, "attack_bn": "eval", "aux_bn": aux}
             results[f"evalbn/aux{int(aux)}/lookahead/z{stage}"] = run_ours(stage, evalbn, record=True)
             results[f"evalbn/aux{int(aux)}/snapshot/z{stage}"] = run_ours(stage, {**evalbn, **sn}, record=True)
+    # the shipped attack (targeted, clean start 0.2, auxiliary BatchNorm, τ = 1) under an LR schedule;
+    # bf16 as the paper configs and the recipe run it: BatchNorm and its statistics in fp32
+    shipped = {"scheduler": SCHEDULER}
+    results["shipped/z2"] = run_ours(2, SHIPPED, record=True, extra=shipped)
+    results["shipped/z3"] = run_ours(3, SHIPPED, record=True, extra=shipped)
+    results["shipped/l2/z3"] = run_ours(3, {**SHIPPED, **SHIPPED_L2}, record=True, extra=shipped)
+    results["shipped/z2/bf16"] = run_ours(2, SHIPPED, record=True, extra={**shipped, "bf16": {"enabled": True}},
+                                          fp32_bn=True)
     results["grads_untouched/z0"] = grads_untouched(0)
     results["grads_untouched/z1"] = grads_untouched(1)
     rank = torch.distributed.get_rank()
