@@ -49,6 +49,10 @@ class Remote:
         """Seconds the last `prepare` waited for δ: 0 when the attacker keeps up."""
         self._warned = False
         self.stopped = False
+        self.staging: dict[int, list[Tensor]] = {}
+        """Host copies of the weight share sent at each step, reused from `released` on."""
+        self.released = 0
+        """Sends of steps before this one have been waited for."""
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ConfigError(f"conadv.schedule='split': the model's parameters have several dtypes "
@@ -63,15 +67,22 @@ class Remote:
         p = self.params[i]
         return (p.ds_tensor if self.zero3 else p.data).reshape(-1)
 
-    def _weight_pieces(self) -> list[Tensor]:
-        """This trainer's share of the live weights, piece by piece, as host copies: the sends read
-        the copies, so the optimizer updates the weights while they are in flight and the trainer
-        never waits for them. On an accelerator this is the schedule's one device-to-host copy
-        per step: gloo sends from host memory."""
-        return [self._local(i)[lo:lo + n].to("cpu", copy=True) for i, lo, _, n in self.pieces]
+    def _weight_pieces(self, step: int) -> list[Tensor]:
+        """This trainer's share of the live weights, piece by piece, copied into host buffers that
+        are reused once their sends are released (at most τ + 1 sets): the sends read the copies,
+        so the optimizer updates the weights while they are in flight and the trainer never waits
+        for them. On an accelerator this is the schedule's one device-to-host copy per step: gloo
+        sends from host memory."""
+        free = [s for s in self.staging if s < self.released]
+        buffers = self.staging.pop(free[0]) if free else \
+            [torch.empty(n, dtype=self.params[i].dtype) for i, _, _, n in self.pieces]
+        for b, (i, lo, _, n) in zip(buffers, self.pieces):
+            b.copy_(self._local(i)[lo:lo + n])
+        self.staging[step] = buffers
+        return buffers
 
     def _send_job(self, step: int, new: list[int]) -> None:
-        weights = self._weight_pieces()
+        weights = self._weight_pieces(step)
         for a in self.link.layout.attackers:
             payload = None
             if a == self.attacker and new:
@@ -146,7 +157,8 @@ class Remote:
         # δ of `step` was computed from the weights sent at step - τ: the attacker holds every
         # message of that step and before, so their sends (and weight copies) are released
         # without blocking; at most τ + 1 steps' copies are held
-        self.outbox.wait(before=step - self.tau + 1)
+        self.released = step - self.tau + 1
+        self.outbox.wait(before=self.released)
         return [(b, d.to(self.device)) for b, d in zip(current.batches, current.deltas)]
 
     def stop(self, step: int) -> None:
@@ -172,9 +184,10 @@ class Remote:
         self.outbox.wait()
 
     def extra_bytes(self) -> int:
-        """Bytes held for the attackers and from them: the messages in flight (weight copies of
-        up to τ + 1 steps), and the micro-batches pulled ahead with the δ received for them."""
-        return tensor_bytes(self.outbox.held()) + tensor_bytes([(st.batches, st.deltas) for st in self.queue.values()])
+        """Bytes held for the attackers and from them: the host copies of the weight share (up to
+        τ + 1 sets), and the micro-batches pulled ahead with the δ received for them."""
+        return tensor_bytes(list(self.staging.values())) + \
+            tensor_bytes([(st.batches, st.deltas) for st in self.queue.values()])
 
     def state_dict(self) -> dict:
         """The micro-batches pulled ahead with their δ (waited for): a resumed run trains them

@@ -104,10 +104,6 @@ class Outbox:
         self.send(torch.tensor([data.numel()], dtype=torch.int64), dst, tag)
         self.send(data, dst, tag)
 
-    def held(self) -> list[Tensor]:
-        """The tensors of the sends not yet waited for."""
-        return [t for _, _, t in self.posted]
-
     def wait(self, before: Optional[int] = None) -> None:
         """Wait for the sends labelled below `before`; None: for all."""
         done = [(w, before is None or label < before) for label, w, _ in self.posted]
