@@ -72,7 +72,7 @@ def default_loss(output: Any, batch: Batch) -> Tensor:
 def is_causal_lm(module: Any) -> bool:
     """Whether `module` is a Hugging Face causal LM, whose logits at t predict the label at t+1."""
     try:
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
         return False
     get_name = getattr(module, "_get_name", None)

@@ -113,6 +113,7 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0,
        "fp16": {"enabled": True, "initial_scale_power": 32, "loss_scale_window": 2},
+       "zero_optimization": {"stage": 2},  # DeepSpeed scales the loss for its ZeRO optimizers
        "optimizer": {"type": "SGD", "params": {"lr": 0.01}},
        "conadv": {"schedule": "conadv", "staleness": 1, "epsilon": 0.05, "step_size": 0.05, "clip_range": None}}
 engine, *_ = conadv_ds.initialize(model=model, config=cfg)

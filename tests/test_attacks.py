@@ -76,14 +76,23 @@ def test_random_wrong_labels():
 
 
 def test_l2_random_start_is_freelb_and_masked():
-    x = torch.zeros(4, 6, 8)
-    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 6, [1] + [0] * 5]).unsqueeze(-1)
+    """FreeLB's start: at every real position U(-1, 1)·ε/√(perturbed elements of its sample), so
+    the start lies inside the ball; padding stays 0. A zero start, another law, or a box sized by
+    all positions instead of the real ones fails."""
+    from scipy.stats import kstest
+
+    hidden, lengths = 8, torch.tensor([64, 40, 17, 9])
+    x = torch.zeros(4, 64, hidden)
+    mask = (torch.arange(64) < lengths[:, None]).unsqueeze(-1)
     d = random_start(x, "l2", 1.0, gen(), mask)
-    assert (d * (1 - mask) == 0).all()
-    lengths = mask.sum(dim=(1, 2)).float()
-    bound = 1.0 / torch.sqrt(lengths * 8)  # U(-1,1)·ε/√(len·hidden)
-    assert (d.abs().amax(dim=(1, 2)) <= bound + 1e-7).all()
+    assert (d * ~mask == 0).all()
     assert (d.flatten(1).norm(dim=1) <= 1.0).all()
+    box = 1.0 / torch.sqrt(lengths.float() * hidden)  # U(-1,1)·ε/√(len·hidden)
+    for i, n in enumerate(lengths.tolist()):
+        u = d[i, :n] / box[i]  # the sample's draws rescaled to its box: U(-1, 1)
+        assert (u != 0).all() and u.abs().max() <= 1 + 1e-6 and u.abs().max() > 0.8, i
+    pooled = torch.cat([d[i, :n].flatten() / box[i] for i, n in enumerate(lengths.tolist())])
+    assert kstest(pooled.numpy(), "uniform", args=(-1, 2)).pvalue > 1e-3  # uniform over (-1, 1)
 
 
 def _per_element_reference(x, mask, grad_of, epsilon, step_size, steps, seed):
@@ -276,6 +285,48 @@ def test_embedding_space_never_perturbs_padding_and_keeps_training_rng():
     ref = model(inputs_embeds=model.get_input_embeddings()(ids) + d, attention_mask=mask, labels=labels)
     assert torch.allclose(out.logits, ref.logits)
     assert not torch.allclose(out.logits, model(**batch).logits)
+
+
+def test_targeted_attack_on_a_causal_lm_uses_the_shifted_labels():
+    """GPT-2: the targeted attack descends the cross-entropy between the logits at t and the
+    wrong label drawn for t+1, as the causal LM's own loss pairs them. δ equals one targeted L2
+    step written out with that shift (targets drawn from the attack's stream for (seed, step,
+    micro-batch, rank)), and not the same step with logits and targets paired at one position."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conadv_ds.adversary import attack_seed
+
+    torch.manual_seed(0)
+    vocab = 50
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    ids = torch.randint(0, vocab, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    cfg = ConAdvConfig(space="embedding", norm="l2", epsilon=1.0, step_size=0.5, steps=1, targeted=True,
+                       clean_start_prob=1.0)
+    delta = Adversary(model, resolve_space(cfg, model), cfg, default_loss, rank=1)(batch, step=3, micro=2)
+
+    def written_out(shifted: bool) -> torch.Tensor:
+        g = torch.Generator().manual_seed(attack_seed(cfg.seed, 3, 2, 1))
+        labels = batch["labels"]
+        target = (labels + torch.randint(1, vocab, labels.shape, generator=g)) % vocab  # a wrong label each
+        target = torch.where(labels == -100, labels, target)
+        emb = model.get_input_embeddings()(ids).detach()
+        d = torch.zeros_like(emb, requires_grad=True)
+        logits = model(inputs_embeds=emb + d, attention_mask=mask).logits
+        if shifted:
+            logits, target = logits[:, :-1], target[:, 1:]
+        loss = -F.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=-100)
+        (grad,) = torch.autograd.grad(loss, d)
+        m = mask.unsqueeze(-1).float()
+        grad = grad * m
+        return (0.5 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1)) * m  # one step of 0.5 < ε: no projection
+
+    assert model.config.model_type == "gpt2" and (delta[mask == 0] == 0).all()
+    torch.testing.assert_close(delta, written_out(shifted=True), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(delta, written_out(shifted=False), atol=1e-3)
 
 
 def test_embedding_space_needs_input_embeddings():

@@ -117,7 +117,10 @@ def test_delta_comes_from_weights_tau_steps_old(tmp_path, tau):
             live.train()
             other = Adversary(live, EmbeddingSpace().bind(live), trainer.conadv, default_loss, rank=0)(inputs, step, micro)
             assert not torch.allclose(other, delta, atol=1e-6)
-    assert trainer._schedule.extra_bytes() > 0
+    # without DeepSpeed a snapshot is a full copy of the weights and buffers, and τ of them are kept
+    module = trainer.model
+    one_copy = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    assert trainer._schedule.extra_bytes() == tau * one_copy
 
 
 def test_resume_from_checkpoint_is_exact(tmp_path):
@@ -158,17 +161,48 @@ def two_rank_deepspeed(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_rank_deepspeed(two_rank_deepspeed, stage):
-    """The Trainer's DeepSpeed integration on 2 ranks: logs averaged over ranks, ≡ the plain Trainer
-    when the attack vanishes (GA 2), and resume_from_checkpoint continues exactly for τ = 1, 2."""
+    """The Trainer's DeepSpeed integration on 2 ranks: logged loss parts are the mean over ranks of
+    every rank's own, ≡ the plain Trainer when the attack vanishes (GA 2), and
+    resume_from_checkpoint continues exactly for τ = 1, 2."""
     result = two_rank_deepspeed[stage]
     assert result["world"] == 2 and result["deepspeed"]
     logs = [h for h in result["log"] if "clean_loss" in h]
-    assert [h["step"] for h in logs] == [2, 4] and all(h["adv_loss"] > h["clean_loss"] for h in logs)
-    assert result["stale_bytes"] > 0  # a shard of the old weights, kept on each rank
+    assert [h["step"] for h in logs] == [2, 4, 6] and all(h["adv_loss"] > h["clean_loss"] for h in logs)
+    # each log covers 2 steps of one micro-batch per rank; the ranks' own values differ, so a sum
+    # or one rank's mean would not match
+    per_rank = torch.tensor(result["losses"], dtype=torch.float64)  # rank, micro-batch, (clean, adv)
+    assert per_rank.shape == (2, 6, 2)
+    for i, h in enumerate(logs):
+        window = per_rank[:, 2 * i:2 * i + 2]
+        assert [h["clean_loss"], h["adv_loss"]] == pytest.approx(window.mean(dim=(0, 1)).tolist(), abs=2e-6)
+        assert (window[0].mean(dim=0) - window[1].mean(dim=0)).abs().min() > 1e-3
+        assert h["loss"] == pytest.approx((h["clean_loss"] + h["adv_loss"]) / 2, abs=1e-4)  # in the units of loss
     assert result["vanishing_max_diff"] <= 1e-6
     for tau in (1, 2):
         assert result[f"resume_tau{tau}_max_diff"] == 0.0, tau
         assert result[f"resume_tau{tau}_moved"] > 1e-4  # the steps after the checkpoint changed the weights
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_delta_comes_from_weights_tau_steps_old_under_deepspeed(two_rank_deepspeed, stage):
+    """τ = 2 under the Trainer's DeepSpeed path, 6 steps at a non-zero lr from the first, one
+    untargeted L2 step from δ = 0 without dropout: δ_t equals that step written out on the
+    saved w_{max(t-2, 0)}, and not on w_{t-3}, w_{t-1} or w_0."""
+    from tests.test_recipe_bert import assert_delta_from_the_weights_tau_steps_old
+
+    rec = two_rank_deepspeed[stage]["staleness"]
+    assert [s["step"] for s in rec["steps"]] == list(range(6))
+    steps = [(s["batch"], s["delta"]) for s in rec["steps"]]
+    assert_delta_from_the_weights_tau_steps_old(rec["config"], rec["weights"], steps, tau=2)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_snapshots_hold_this_ranks_shards_of_two_old_weight_versions(two_rank_deepspeed, stage):
+    """At τ = 2 each rank holds two snapshots, each exactly its share of the weights (ZeRO-3 shards
+    or ZeRO-2 flat partition, about half the model on 2 ranks) plus the module's buffers."""
+    for rank, snap in enumerate(two_rank_deepspeed[stage]["snapshots"]):
+        assert snap["held"] == 2 * (snap["shard"] + snap["buffers"]), rank
+        assert snap["model"] / 2 <= snap["shard"] <= snap["model"] / 2 + 1024, rank  # DeepSpeed pads a little
 
 
 def no_dropout_models():

@@ -1,8 +1,8 @@
 """BERT MLM pretraining with embedding-space ConAdv through `accelerate launch` on 2 CPU ranks:
 DeepSpeed ZeRO-2, ZeRO-3 and plain DDP; δ checked against an attack written here from the
-explicitly saved weights of the previous step; a run killed with SIGKILL after a checkpoint and
-resumed ends with the weights of an uninterrupted run; the user's accelerate YAML configures
-DeepSpeed beside the JSON."""
+explicitly saved weights two steps old (ZeRO-3, τ = 2); a run killed with SIGKILL after a
+checkpoint and resumed ends with the weights of an uninterrupted run; the user's accelerate YAML
+configures DeepSpeed beside the JSON."""
 
 import contextlib
 import json
@@ -62,18 +62,34 @@ def accelerate(out, *launch_args, extra=(), config_file=None, check=True, proces
     return proc
 
 
-MODES = {  # launch arguments, recipe flags
-    "zero2": (("--use_deepspeed", "--deepspeed_config_file", cfg("bert_demo.json")), ("--record_deltas", "1")),
-    "zero3": (("--use_deepspeed", "--deepspeed_config_file", cfg("bert_demo_zero3.json")),
-              ("--record_deltas", "4", "--dropout", "0", "--conadv", "clean_start_prob=1.0", "--conadv", "staleness=2")),
-    "ddp": (("--multi_gpu",), ("--deepspeed_config", cfg("bert_demo.json"), "--record_deltas", "1")),
-}
+@pytest.fixture(scope="module")
+def modes(tmp_path_factory):
+    """Launch arguments and recipe flags per mode. ZeRO-3 runs `bert_demo_zero3.json` with the
+    warmup starting at lr 0.001 instead of 0, so that the weights move from the first step
+    (w_1 ≠ w_0) and a snapshot never refreshed after step 0 gives another δ; it records all 6 steps
+    (at τ = 2, steps 4 and 5 are those where w_{t-2}, w_{t-3}, w_{t-1} and w_0 all differ)."""
+    config = json.loads((ROOT / "ds_configs" / "bert_demo_zero3.json").read_text())
+    config["scheduler"]["params"]["warmup_min_lr"] = 0.001
+    zero3 = tmp_path_factory.mktemp("bert_zero3") / "bert_demo_zero3_warm.json"
+    zero3.write_text(json.dumps(config))
+    return {
+        "zero2": (("--use_deepspeed", "--deepspeed_config_file", cfg("bert_demo.json")), ("--record_deltas", "1")),
+        "zero3": (("--use_deepspeed", "--deepspeed_config_file", str(zero3)),
+                  ("--record_deltas", str(STEPS), "--dropout", "0", "--conadv", "clean_start_prob=1.0",
+                   "--conadv", "staleness=2")),
+        "ddp": (("--multi_gpu",), ("--deepspeed_config", cfg("bert_demo.json"), "--record_deltas", "1")),
+    }
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shared):
+def runs(tmp_path_factory, shared, modes):
     d = tmp_path_factory.mktemp("bert")
-    return d, {mode: accelerate(d / mode, *launch, extra=(*flags, *shared)) for mode, (launch, flags) in MODES.items()}
+    return d, {mode: accelerate(d / mode, *launch, extra=(*flags, *shared)) for mode, (launch, flags) in modes.items()}
+
+
+# WarmupPolyDecay, 10 warmup steps to 0.01 (from 0, or from 0.001 under ZeRO-3), stepped once per
+# optimizer step on every launcher: the lr logged after steps 2, 4 and 6
+LOGGED_LR = {"zero2": [0.002, 0.004, 0.006], "zero3": [0.0028, 0.0046, 0.0064], "ddp": [0.002, 0.004, 0.006]}
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3", "ddp"])
@@ -81,8 +97,7 @@ def test_trains_and_reports_clean_and_adversarial_loss(runs, mode):
     out = runs[1][mode]
     steps = re.findall(r"step (\d)/6 loss ([\d.]+) clean_loss ([\d.]+) adv_loss ([\d.]+) lr ([\d.e-]+)", out)
     assert [s[0] for s in steps] == ["2", "4", "6"]
-    # WarmupPolyDecay, 10 warmup steps to 0.01, stepped once per optimizer step on every launcher
-    assert [float(s[4]) for s in steps] == pytest.approx([0.002, 0.004, 0.006])
+    assert [float(s[4]) for s in steps] == pytest.approx(LOGGED_LR[mode])
     for _, loss, clean, adv, _ in steps:
         assert float(adv) > float(clean) > 0 and float(loss) == pytest.approx((float(clean) + float(adv)) / 2, abs=2e-4)
     m = re.search(r"eval final: mlm_loss ([\d.]+) masked_acc ([\d.]+) adv_mlm_loss ([\d.]+)", out)
@@ -136,19 +151,32 @@ def reference_delta(config: dict, weights: list, batch: dict) -> torch.Tensor:
     return (delta * (EPS / norms).clamp(max=1.0) * mask).detach()
 
 
+def assert_delta_from_the_weights_tau_steps_old(config: dict, weights: list, steps: list, tau: int) -> None:
+    """`weights[t]`: the full weights step t started from; `steps[t]`: (its batch, its δ). Every
+    δ_t equals `reference_delta` on w_{max(t-τ, 0)} and differs from it on each of w_{t-τ-1},
+    w_{t-τ+1} and w_0 that is another version: a snapshot one step off either way, or one never
+    refreshed after step 0, gives another δ. The weights must all differ (a non-zero lr from the
+    first step), and there must be two steps at which those four versions are all distinct."""
+    assert len(steps) == len(weights) >= tau + 4
+    for i in range(len(weights)):
+        for j in range(i):
+            assert not all(torch.equal(a, b) for a, b in zip(weights[i], weights[j])), (i, j)
+    for t, (batch, delta) in enumerate(steps):
+        source = max(t - tau, 0)
+        assert torch.allclose(delta, reference_delta(config, weights[source], batch), atol=1e-5), t
+        for other in {t - tau - 1, t - tau + 1, 0} - {source}:
+            if other >= 0:
+                stale = reference_delta(config, weights[other], batch)
+                assert not torch.allclose(delta, stale, atol=1e-5), (t, other)
+
+
 def test_delta_comes_from_the_weights_two_steps_old(runs):
-    """ZeRO-3, staleness 2: δ_t from w_{max(t-2, 0)}. At step 3 the weights one step old and the
-    live ones would each have given another δ (at step 0 the lr is 0, so w_1 = w_0)."""
+    """ZeRO-3, staleness 2, lr 0.001 at the first step: δ_t from w_{max(t-2, 0)}, and not from the
+    weights one step newer or older, nor from w_0."""
     rec = torch.load(runs[0] / "zero3" / "deltas_rank0.pt", weights_only=False)
-    assert len(rec["weights"]) == 4 and len(rec["steps"]) == 4 and rec["conadv"]["staleness"] == 2
-    for t in range(4):
-        batch, delta = rec["steps"][t]["batch"], rec["steps"][t]["delta"]
-        stale = reference_delta(rec["config"], rec["weights"][max(t - 2, 0)], batch)
-        assert torch.allclose(delta, stale, atol=1e-5), t
-    batch, delta = rec["steps"][3]["batch"], rec["steps"][3]["delta"]
-    for newer in (2, 3):
-        assert not all(torch.equal(a, b) for a, b in zip(rec["weights"][1], rec["weights"][newer]))
-        assert not torch.allclose(delta, reference_delta(rec["config"], rec["weights"][newer], batch), atol=1e-5)
+    assert rec["conadv"]["staleness"] == 2
+    steps = [(s["batch"], s["delta"]) for s in rec["steps"]]
+    assert_delta_from_the_weights_tau_steps_old(rec["config"], rec["weights"], steps, tau=2)
 
 
 def test_offline_tokenizer_round_trips(tmp_path):
@@ -212,12 +240,11 @@ KILLED_AT = {"zero2": "step2", "zero3": "step4"}
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
-def test_killed_and_resumed_run_ends_bit_identical(runs, shared, tmp_path, mode):
+def test_killed_and_resumed_run_ends_bit_identical(runs, modes, shared, tmp_path, mode):
     """ZeRO-2 at staleness 1 (one old step in flight: lookahead's pending batches), killed after
-    step 2, and ZeRO-3 at staleness 2 (snapshots of sharded w_2 and w_3, which differ, unlike
-    w_0 = w_1 at lr 0), killed after step 4; the reference is the `runs` fixture's uninterrupted
-    run with the same flags."""
-    launch, flags = MODES[mode]
+    step 2, and ZeRO-3 at staleness 2 (snapshots of sharded w_2 and w_3, which differ), killed
+    after step 4; the reference is the `runs` fixture's uninterrupted run with the same flags."""
+    launch, flags = modes[mode]
     flags = (*flags, *shared)
     reference = runs[1][mode]
     died = killed_after_checkpoint(tmp_path / "run", launch, flags, KILLED_AT[mode])
@@ -261,6 +288,7 @@ def test_accelerate_yaml_config_is_the_configuration(shared, tmp_path):
     assert ran["zero_optimization"]["stage"] == 3 and ran["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ran["gradient_accumulation_steps"] == 2 and ran["gradient_clipping"] == 0.5
     assert ran["bf16"]["enabled"] is True and ran["train_batch_size"] == 64 and "optimizer" not in ran
+    assert ran["timers"] == {"throughput": {"enabled": False}}  # no device sync at every forward
 
 
 

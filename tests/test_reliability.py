@@ -1,5 +1,5 @@
 """Exact resume with ConAdv state, crash-safe checkpoints under a real SIGKILL, no hang when a
-rank fails, abort on non-finite losses (2 CPU ranks)."""
+rank fails, abort on non-finite losses, fp16 steps the loss scaler skips (2 CPU ranks)."""
 
 import time
 
@@ -68,7 +68,49 @@ def test_nonfinite_loss_aborts_with_a_clear_message(resumed):
         assert "loss is nan for 2 consecutive steps" in r["message"] and "max_nonfinite_steps=2" in r["message"]
 
 
+def test_fp16_steps_the_loss_scaler_skips_neither_reuse_nor_lose_a_delta(resumed):
+    """ZeRO-2 fp16, lookahead ConAdv, gradient accumulation 2: DeepSpeed skips the steps whose
+    scaled gradients overflow, yet each still advances global_steps, which keys the δ: every
+    (step, micro-batch) is attacked once, and the micro-batches are trained in stream order, each
+    at its own step with the δ computed for it."""
+    for rank in range(WORLD):
+        r = resumed[rank]["fp16"]
+        steps = r["steps"]
+        assert steps == 12 and 0 < r["skipped"] < steps, r["skipped"]
+        assert r["attacked"] == [(s, m) for s in range(steps + 1) for m in range(2)]  # the last: step 12's, ahead
+        assert len(r["trained"]) == 2 * steps
+        for j, (step, pixels, key) in enumerate(r["trained"]):
+            assert step == j // 2 and key == [(j // 2, j % 2)], (rank, j, step, key)
+            assert pixels == pytest.approx(r["stream"][j], rel=1e-4), (rank, j)
+
+
 KILL_POINTS = ["deepspeed", "conadv_state", "publish", "latest", "same_tag"]
+
+
+def incomplete(path):
+    """A file with bytes that does not load: cut while it was written."""
+    try:
+        torch.load(path, weights_only=False)
+    except Exception:  # a truncated zip archive: RuntimeError or OSError
+        return path.stat().st_size > 0
+    return False
+
+
+def what_the_kill_left(d, kill_in):
+    """Where each kill came, from what it left (before the next load repairs the folder)."""
+    new = d / "global_step3.partial"
+    if kill_in == "deepspeed":  # half of DeepSpeed's model-states file written
+        assert incomplete(new / "mp_rank_00_model_states.pt")
+    if kill_in == "conadv_state":  # half of rank 0's own state written to its temporary name
+        cut = list(new.glob(".conadv_rank0.pt.tmp*"))
+        assert len(cut) == 1 and incomplete(cut[0]) and not (new / "conadv_rank0.pt").exists()
+    if kill_in == "publish":  # the new checkpoint complete but not yet moved into place
+        assert (new / "conadv_run.json").is_file() and not (d / "global_step3").exists()
+    if kill_in == "same_tag":  # between moving the old folder aside and moving the new one in
+        assert (d / "kept.old").is_dir() and (d / "kept.partial").is_dir() and not (d / "kept").exists()
+    if kill_in == "latest":  # the new checkpoint published, its name written beside `latest`, not yet over it
+        assert (d / "global_step3").is_dir() and (d / "latest").read_text() == "global_step2"
+        assert [f.read_text() for f in d.glob(".latest.tmp*")] == ["global_step3"]
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +120,7 @@ def killed(tmp_path_factory):
     for kill_in in KILL_POINTS:
         d = tmp_path_factory.mktemp(f"kill_{kill_in}")
         runs[kill_in] = (launch("kill_worker.py", "--ckpt", str(d), "--kill_in", kill_in, check=False), d)
-        if kill_in == "same_tag":  # the kill came between moving the old folder aside and moving the new one in
-            assert (d / "kept.old").is_dir() and (d / "kept.partial").is_dir() and not (d / "kept").exists()
-        if kill_in == "publish":  # the kill came with the new checkpoint complete but not yet moved into place
-            assert (d / "global_step3.partial" / "conadv_run.json").is_file() and not (d / "global_step3").exists()
+        what_the_kill_left(d, kill_in)
     launch("kill_worker.py", "--verify", *[str(d) for _, d in runs.values()])
     return runs
 

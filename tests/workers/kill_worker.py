@@ -1,12 +1,19 @@
-"""Saves a checkpoint, then dies by SIGKILL in the middle of the next save (--kill_in; same_tag:
-the next save re-writes the same tag and dies between moving the old folder aside and moving the
-new one in), or (--verify DIR...) loads each folder's latest checkpoint and writes, per rank, whether it is
-the complete first one."""
+"""Saves a checkpoint, then dies by SIGKILL in the middle of the next save (--kill_in), or
+(--verify DIR...) loads each folder's latest checkpoint and writes, per rank, whether it is the
+complete first one.
+
+Kill points: `deepspeed` and `conadv_state` half-way through writing a file (DeepSpeed's model
+states; every rank's own ConAdv state): the file has bytes but is incomplete; `publish` as the
+new folder is moved into place; `same_tag` (the save re-writes the tag it keeps) between moving
+the old folder aside and moving the new one in; `latest` with the new `latest` written to its
+temporary file, before it replaces the old one."""
 
 import argparse
+import io
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,22 +25,53 @@ from conadv_ds.cli import run_launched  # noqa: E402
 from tests.common import digits_batches, ds_config, make_model, rank_slice  # noqa: E402
 
 
-def die_on_call(module, name, after=0):
-    """Replace module.name by a function that kills this process on its (after+1)-th call."""
-    original, calls = getattr(module, name), [0]
-
-    def dying(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(*args, **kwargs)
-
-    setattr(module, name, dying)
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-# os.replace on rank 0 during a save: its conadv state, conadv_run.json, then publish's moves
-KILL_POINTS = {"deepspeed": (torch, "save", 0), "conadv_state": (ckpt, "atomic_save", 0),
-               "publish": (os, "replace", 2), "latest": (ckpt, "write_latest", 0), "same_tag": (os, "replace", 3)}
+def die_mid_write(name_matches):
+    """Replace torch.save by one that writes the first half of the bytes of the first file whose
+    name `name_matches`, flushes them to disk and kills this process."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and name_matches(Path(f).name):
+            buffer = io.BytesIO()
+            original(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            with open(f, "wb") as out:
+                out.write(data[: len(data) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+            die()
+        return original(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def die_on_replace(paths_match):
+    """Replace os.replace by one that kills this process, before moving anything, at the first
+    call whose (source, destination) `paths_match`."""
+    original = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if paths_match(Path(src), Path(dst)):
+            die()
+        return original(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+
+KILL_POINTS = {
+    "deepspeed": lambda: die_mid_write(lambda name: name.endswith("model_states.pt")),
+    "conadv_state": lambda: die_mid_write(lambda name: name.startswith(".conadv_rank")),
+    "publish": lambda: die_on_replace(lambda src, dst: src.name.endswith(ckpt.PARTIAL)),
+    "same_tag": lambda: die_on_replace(lambda src, dst: src.name.endswith(ckpt.PARTIAL)),
+    "latest": lambda: die_on_replace(lambda src, dst: dst.name == ckpt.LATEST),
+}
+EVERY_RANK = ("deepspeed", "conadv_state")
+"""Kill points armed on every rank (each writes its own files); the others only on rank 0, which
+moves folders and writes `latest`."""
 
 
 def main():
@@ -62,8 +100,8 @@ def main():
     torch.save([p.detach().clone() for p in engine.module.parameters()],
                os.path.join(args.ckpt, f"expected_rank{engine.global_rank}.pt"))
     engine.train_batch(data)
-    if engine.global_rank == 0 or args.kill_in in ("deepspeed", "conadv_state"):
-        die_on_call(*KILL_POINTS[args.kill_in])
+    if engine.global_rank == 0 or args.kill_in in EVERY_RANK:
+        KILL_POINTS[args.kill_in]()
     engine.save_checkpoint(args.ckpt, tag=tag)
     print("second save completed", flush=True)
 

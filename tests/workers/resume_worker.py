@@ -1,5 +1,6 @@
 """Runs on 2 CPU ranks: straight runs against save + fresh engine + load + continue, with ConAdv
-on (random starts and targets), under ZeRO-2 and ZeRO-3; and the non-finite-loss abort."""
+on (random starts and targets), under ZeRO-2 and ZeRO-3; the non-finite-loss abort; and fp16
+steps the loss scaler skips."""
 
 import argparse
 import os
@@ -81,6 +82,43 @@ def nonfinite_case():
     return {"steps": steps, "message": None}
 
 
+FP16_STEPS = 12
+
+
+def fp16_skip_case():
+    """ZeRO-2 fp16 (DeepSpeed 0.19 scales the loss in `backward` for its ZeRO optimizers only) from a
+    loss scale of 2^19, raised after every 2 good steps: steps overflow and are skipped, at the start and again later.
+    Recorded: the key (step, micro-batch) of every attack; per trained micro-batch, the step it
+    was trained at, its pixel sum and the key of the δ it was trained with (the same tensor)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    config = {**ds_config(2, 2, {"staleness": 1, **RANDOM_ATTACK}),
+              "fp16": {"enabled": True, "initial_scale_power": 19, "loss_scale_window": 2}}
+    engine, *_ = conadv_ds.initialize(model=model, config=config)
+    stream = [rank_slice(mb, engine.global_rank) for step in digits_batches(2 * FP16_STEPS, gas=2) for mb in step]
+    attacked, trained = [], []
+    attack, objective = engine.schedule.attack, engine.objective
+
+    def recording_attack(batch, step, micro):
+        delta = attack(batch, step, micro)
+        attacked.append(((step, micro), delta))
+        return delta
+
+    def recording_objective(forward, batch, delta):
+        key = [k for k, d in attacked if d is delta]
+        trained.append((engine.global_steps, float(batch[0].float().sum()), key))
+        return objective(forward, batch, delta)
+
+    engine.schedule.attack, engine.objective = recording_attack, recording_objective
+    data = iter(stream)
+    for _ in range(FP16_STEPS):
+        engine.train_batch(data)
+    return {"skipped": engine.ds.skipped_steps, "steps": engine.global_steps, "attacked": [k for k, _ in attacked],
+            "trained": trained, "stream": [float(x.half().float().sum()) for x, _ in stream]}
+
+
 def load_error(stage, conadv, ckpt_dir):
     """The error of loading `ckpt_dir` into an engine with these settings (None: it loaded)."""
     engine = engine_for(stage, conadv, seed=0)
@@ -149,6 +187,7 @@ def main():
     results["lookahead/z2/without_state"] = resume_case(2, {"staleness": 1, **RANDOM_ATTACK}, f"{args.ckpt}/nostate",
                                                         drop_state=True)
     results["nonfinite"] = nonfinite_case()
+    results["fp16"] = fp16_skip_case()
     results["tampered/z2"] = tamper_cases(args.ckpt, 2)
     results["tampered/z3"] = tamper_cases(args.ckpt, 3)
     results["load_tau1_from_tau2"] = load_error(2, {"staleness": 1, **RANDOM_ATTACK}, f"{args.ckpt}/sn2")
