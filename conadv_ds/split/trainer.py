@@ -50,9 +50,9 @@ class Remote:
         self._warned = False
         self.stopped = False
         self.staging: dict[int, list[Tensor]] = {}
-        """Host copies of the weight share sent at each step, reused from `released` on."""
-        self.released = 0
-        """Sends of steps before this one have been waited for."""
+        """Host copies of the weight share sent at each step, while their sends may be in flight."""
+        self.free: list[list[Tensor]] = []
+        """Copies whose sends were waited for (`_release`): the only ones reused."""
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ConfigError(f"conadv.schedule='split': the model's parameters have several dtypes "
@@ -69,12 +69,11 @@ class Remote:
 
     def _weight_pieces(self, step: int) -> list[Tensor]:
         """This trainer's share of the live weights, piece by piece, copied into host buffers that
-        are reused once their sends are released (at most τ + 1 sets): the sends read the copies,
+        are reused once their sends were waited for (at most τ + 1 sets): the sends read the copies,
         so the optimizer updates the weights while they are in flight and the trainer never waits
         for them. On an accelerator this is the schedule's one device-to-host copy per step: gloo
         sends from host memory."""
-        free = [s for s in self.staging if s < self.released]
-        buffers = self.staging.pop(free[0]) if free else \
+        buffers = self.free.pop() if self.free else \
             [torch.empty(n, dtype=self.params[i].dtype) for i, _, _, n in self.pieces]
         for b, (i, lo, _, n) in zip(buffers, self.pieces):
             b.copy_(self._local(i)[lo:lo + n])
@@ -155,11 +154,15 @@ class Remote:
                 w.wait()
         self.last_wait = time.perf_counter() - start
         # δ of `step` was computed from the weights sent at step - τ: the attacker holds every
-        # message of that step and before, so their sends (and weight copies) are released
-        # without blocking; at most τ + 1 steps' copies are held
-        self.released = step - self.tau + 1
-        self.outbox.wait(before=self.released)
+        # message of that step and before, so their sends are waited for without blocking
+        self._release(before=step - self.tau + 1)
         return [(b, d.to(self.device)) for b, d in zip(current.batches, current.deltas)]
+
+    def _release(self, before: Optional[int] = None) -> None:
+        """Wait for the sends of the steps below `before` (None: all), then free their weight copies."""
+        self.outbox.wait(before=before)
+        for s in [s for s in self.staging if before is None or s < before]:
+            self.free.append(self.staging.pop(s))
 
     def stop(self, step: int) -> None:
         """Tell the attackers that the trainers take no step from `step` on (once)."""
@@ -181,12 +184,12 @@ class Remote:
                 if w is not None:
                     w.wait()
             st.works = [None] * len(st.works)
-        self.outbox.wait()
+        self._release()
 
     def extra_bytes(self) -> int:
         """Bytes held for the attackers and from them: the host copies of the weight share (up to
         τ + 1 sets), and the micro-batches pulled ahead with the δ received for them."""
-        return tensor_bytes(list(self.staging.values())) + \
+        return tensor_bytes([*self.staging.values(), *self.free]) + \
             tensor_bytes([(st.batches, st.deltas) for st in self.queue.values()])
 
     def state_dict(self) -> dict:
