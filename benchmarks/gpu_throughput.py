@@ -27,8 +27,9 @@ freed before the next one is built; its row is printed as soon as it is measured
   (`torch.compile` of the forward before `initialize`), or "n/a" and the reason where that fails.
 
 Columns: clean images (tokens) per second — a ConAdv step trains on them and on as many
-adversarial copies —; that rate over the clean row of the same model; device synchronisations
-per timed step (`SyncCounter`; the note names them per callable); the peak of allocated memory
+adversarial copies —; that rate over the clean row of the same model; host waits per timed step
+(`SyncCounter`: device synchronisations and reads or copies to the host; the note names them per
+callable); the peak of allocated memory
 (`torch.cuda.max_memory_allocated`, reset before each variant is built).
 
 The FLOP bound. A clean step is a forward and a backward that computes the gradients of the
@@ -110,7 +111,7 @@ def peak_gib(device: torch.device) -> Optional[float]:
 
 def measure(step: Callable[[], object], device: torch.device, warmup: int, steps: int,
             units_per_step: int) -> tuple[float, dict[str, float]]:
-    """(units per second, device synchronisations per step by callable) over `steps` calls of
+    """(units per second, host waits per step by callable) over `steps` calls of
     `step` after `warmup` untimed ones; the device is drained before and after the timed steps,
     outside the count."""
     for _ in range(warmup):
@@ -255,7 +256,7 @@ def benchmark(device: torch.device, opts: argparse.Namespace, vision_model: Call
             yield Row(VISION, name + COMPILED, "images/s", note="n/a: --no-compile")
 
 
-HEADER = ("| model | variant | rate | vs clean | syncs/step | peak GiB | note |\n"
+HEADER = ("| model | variant | rate | vs clean | host waits/step | peak GiB | note |\n"
           "|---|---|---:|---:|---:|---:|---|")
 
 

@@ -34,10 +34,12 @@ def check(batch: Batch) -> None:
 
 
 def to_device(batch: Batch, device: torch.device, float_dtype: Optional[torch.dtype] = None) -> Batch:
-    """Move every tensor to `device`; floating ones are also cast to `float_dtype` when given."""
+    """Move every tensor to `device`; floating ones are then cast to `float_dtype` when given, on
+    the device (a move and a cast in one call would make a host-side copy of a pinned,
+    channels-last batch first)."""
     if isinstance(batch, Tensor):
-        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else None
-        return batch.to(device=device, dtype=dtype, non_blocking=True)
+        moved = batch.to(device=device, non_blocking=True)
+        return moved.to(float_dtype) if float_dtype is not None and batch.is_floating_point() else moved
     if isinstance(batch, Mapping):
         return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):

@@ -8,7 +8,8 @@ stream and event `synchronize`) and reads or copies of a tensor on the device to
 there is the count a GPU run would pay — except `.to`, where a move to the engine's device and a
 copy to the host are the same call: on the CPU only a copy written as `.to("cpu")` is counted
 (DeepSpeed's moves to `get_accelerator().current_device_name()`, the string "cpu" there, are
-counted too: compare counts with and without ConAdv, not absolute ones).
+counted too: compare counts with and without ConAdv, not absolute ones). Not counted: a
+device-to-host `copy_` into an existing host tensor, and reads made on other threads.
 """
 
 from __future__ import annotations

@@ -158,26 +158,29 @@ class AugmentedPair(Dataset):
         return x, self.augmented_transform(self.base.loader(path)), y
 
 
+class _AutoAugmentPairs(Dataset):
+    """(image, its AutoAugment view, label) of a [0, 1] tensor set (uint8 round trip); at module
+    level, so that loader workers started by spawn or forkserver can unpickle it."""
+
+    def __init__(self, base: Dataset):
+        from torchvision import transforms as T
+
+        self.base = base
+        self.aa = T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        img = (x * 255).round().to(torch.uint8)
+        return x, self.aa(img).float() / 255.0, y
+
+
 def with_autoaugment(data: ImageData) -> ImageData:
     """An embedded tensor set whose training items gain an AutoAugment view (uint8 round trip)."""
-    from torchvision import transforms as T
-
-    aa = T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
-
-    class _Pairs(Dataset):
-        def __init__(self, base):
-            self.base = base
-
-        def __len__(self) -> int:
-            return len(self.base)
-
-        def __getitem__(self, i: int):
-            x, y = self.base[i]
-            img = (x * 255).round().to(torch.uint8)
-            return x, aa(img).float() / 255.0, y
-
-    return ImageData(data.name, _Pairs(data.train), data.val, data.num_classes, data.channels, data.image_size,
-                     data.mean, data.std)
+    return ImageData(data.name, _AutoAugmentPairs(data.train), data.val, data.num_classes, data.channels,
+                     data.image_size, data.mean, data.std)
 
 
 @dataclass(frozen=True)

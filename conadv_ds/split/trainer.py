@@ -71,8 +71,8 @@ class Remote:
         """This trainer's share of the live weights, piece by piece, copied into host buffers that
         are reused once their sends were waited for (at most τ + 1 sets): the sends read the copies,
         so the optimizer updates the weights while they are in flight and the trainer never waits
-        for them. On an accelerator this is the schedule's one device-to-host copy per step: gloo
-        sends from host memory."""
+        for them. On an accelerator each piece is a blocking device-to-host copy (gloo sends from
+        host memory): the schedule's transport, once per step."""
         buffers = self.free.pop() if self.free else \
             [torch.empty(n, dtype=self.params[i].dtype) for i, _, _, n in self.pieces]
         for b, (i, lo, _, n) in zip(buffers, self.pieces):
@@ -86,8 +86,8 @@ class Remote:
             payload = None
             if a == self.attacker and new:
                 # gloo sends from host memory: the new micro-batches and the BatchNorm buffers are
-                # copied to the host once per step (on an accelerator, with the weights, the
-                # schedule's device-to-host copies)
+                # copied to the host once per step (on an accelerator, blocking copies, one per
+                # tensor: with the weights, the schedule's device-to-host transport)
                 cpu = torch.device("cpu")
                 payload = wire.encode_job(new, [[B.to_device(b, cpu) for b in self.queue[s].batches] for s in new],
                                           [b.detach().cpu() for b in self.module.buffers()],
