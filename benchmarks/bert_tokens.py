@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -26,12 +27,6 @@ VARIANTS = {
     "conadv τ=1": ("--conadv", "schedule=conadv", "--conadv", "staleness=1"),
     "split τ=1": ("--conadv", "schedule=split", "--conadv", "staleness=1", "--conadv", "attacker_ranks=1"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args, out: Path, flags) -> tuple[float | None, str]:

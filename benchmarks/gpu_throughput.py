@@ -54,7 +54,6 @@ import io
 import itertools
 import logging
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from harness import free_port
 
 from conadv_ds.syncs import SyncCounter
 
@@ -282,9 +282,7 @@ def ratio_line(rows: list[Row], model: str = VISION) -> str:
 def single_rank_env() -> None:
     """The environment of a one-process torch.distributed world, where no launcher set one."""
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
 

@@ -10,17 +10,21 @@ import time
 from typing import Callable
 
 
-def ensure_ranks(nproc: int = 2) -> None:
-    """Re-run the calling script under torchrun with `nproc` CPU ranks unless already launched."""
-    if "LOCAL_RANK" in os.environ:
-        return
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def ensure_ranks(nproc: int = 2) -> None:
+    """Re-run the calling script under torchrun with `nproc` CPU ranks unless already launched."""
+    if "LOCAL_RANK" in os.environ:
+        return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(port), sys.argv[0], *sys.argv[1:]]
+           str(free_port()), sys.argv[0], *sys.argv[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     sys.exit(subprocess.call(cmd, env=env))
 
