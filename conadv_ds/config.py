@@ -301,6 +301,11 @@ def check_deepspeed(ds: dict, world_size: int) -> tuple[int, int, int]:
     return resolve_batch(ds, world_size)
 
 
+def half_precision(ds: dict) -> Optional[str]:
+    """"bf16" or "fp16" when that block of `ds` is enabled (`check_deepspeed` allows one), else None."""
+    return next((mode for mode in ("bf16", "fp16") if ds.get(mode, {}).get("enabled") is True), None)
+
+
 def without_timer_syncs(ds: dict) -> dict:
     """`ds` with DeepSpeed's throughput timer off unless it configures `timers`.
 

@@ -12,6 +12,7 @@ from torch import nn
 from . import optim
 from .batch import LossFn, default_loss
 from .bn import convert_aux_bn, has_aux_bn, is_fp32_batchnorm
+from .config import half_precision
 from .engine import ConAdvEngine
 from .errors import ConfigError
 from .perturb import Space, resolve_space
@@ -26,19 +27,19 @@ def _check_precision(ds_config: dict, model: nn.Module) -> None:
     one (`bn.fp32_batchnorm`) needs them left in fp32."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    for mode in ("bf16", "fp16"):
-        layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-        if ds_config.get(mode, {}).get("enabled") is not True or not layers:
-            continue
-        buffer_dtype = ds_config.get("data_types", {}).get("buffer_dtype")
-        fp32 = all(is_fp32_batchnorm(m) for m in layers)
-        if fp32 and buffer_dtype is not None:
-            raise ConfigError(f"data_types.buffer_dtype={buffer_dtype!r} with fp32 BatchNorm (conadv_ds.bn."
-                              "fp32_batchnorm): its running statistics stay fp32; remove buffer_dtype")
-        if not fp32 and buffer_dtype is None:
-            raise ConfigError(f"{mode}.enabled=true with BatchNorm layers in the model: DeepSpeed keeps buffers "
-                              "in fp32; call conadv_ds.bn.fp32_batchnorm(model) before initialize (BatchNorm in "
-                              f"fp32, as the official code), or set \"data_types\": {{\"buffer_dtype\": \"{mode}\"}}")
+    mode = half_precision(ds_config)
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if mode is None or not layers:
+        return
+    buffer_dtype = ds_config.get("data_types", {}).get("buffer_dtype")
+    fp32 = all(is_fp32_batchnorm(m) for m in layers)
+    if fp32 and buffer_dtype is not None:
+        raise ConfigError(f"data_types.buffer_dtype={buffer_dtype!r} with fp32 BatchNorm (conadv_ds.bn."
+                          "fp32_batchnorm): its running statistics stay fp32; remove buffer_dtype")
+    if not fp32 and buffer_dtype is None:
+        raise ConfigError(f"{mode}.enabled=true with BatchNorm layers in the model: DeepSpeed keeps buffers "
+                          "in fp32; call conadv_ds.bn.fp32_batchnorm(model) before initialize (BatchNorm in "
+                          f"fp32, as the official code), or set \"data_types\": {{\"buffer_dtype\": \"{mode}\"}}")
 
 
 def initialize(args: Any = None, model: Optional[nn.Module] = None, model_parameters: Any = None,

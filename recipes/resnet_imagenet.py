@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from conadv_ds.cli import count, one_line_errors, parse_overrides, positive, run_launched
-from conadv_ds.config import JsonBlock, load_json, validate_block
+from conadv_ds.config import JsonBlock, half_precision, load_json, validate_block
 from conadv_ds.data.vision import IMAGENET_TRAIN_SIZE
 from conadv_ds.errors import ConfigError
 from conadv_ds.resolve import RunConfig, resolve_config
@@ -168,7 +168,7 @@ def dry_run(args: argparse.Namespace) -> None:
     classes, chans = (1000, 3) if recipe.dataset == "imagenet" else (10, 1)
     n_params = sum(p.numel() for p in build_classifier(recipe.model, classes, chans, (0.5,) * chans,
                                                        (0.5,) * chans).parameters())
-    half = run.ds.get("bf16", {}).get("enabled") or run.ds.get("fp16", {}).get("enabled")
+    half = half_precision(run.ds) is not None
     opt_type = str((run.optimizer or run.ds.get("optimizer", {})).get("type", "")).lower()
     states = 2 if opt_type in ("adam", "adamw", "lamb") else 1
     conadv = run.conadv
@@ -181,7 +181,7 @@ def dry_run(args: argparse.Namespace) -> None:
     print(f"  evaluation (clean + {recipe.eval_steps}-step PGD): {every}")
     print(f"  conadv: schedule {conadv.schedule if conadv.enabled else 'off'}, τ={conadv.staleness}, "
           f"ε={conadv.epsilon:.4f}, steps={conadv.steps}, aux_bn={conadv.aux_bn}")
-    mem = memory_plan(n_params, world, bool(half), states)
+    mem = memory_plan(n_params, world, half, states)
     print(f"  model {recipe.model}: {n_params / 1e6:.1f}M parameters; weights+grads+optimizer per rank: "
           + ", ".join(f"ZeRO-{s} {b / 2**20:.1f} MiB" for s, b in mem.items()))
 
@@ -226,8 +226,7 @@ def train(args: argparse.Namespace, plan: Plan) -> None:
     check_batch(tb, len(images.train), images.name, args.deepspeed_config)
     torch.manual_seed(args.seed)
     model = build_classifier(recipe.model, images.num_classes, images.channels, images.mean, images.std)
-    if any(plan.run.ds.get(mode, {}).get("enabled") is True for mode in ("bf16", "fp16")) \
-            and "buffer_dtype" not in plan.run.ds.get("data_types", {}):
+    if half_precision(plan.run.ds) and "buffer_dtype" not in plan.run.ds.get("data_types", {}):
         fp32_batchnorm(model)  # as the official code: BatchNorm and its statistics in fp32
     if args.compile:  # the model's forward alone: DeepSpeed's forward hooks stay eager (see --compile)
         model.forward = torch.compile(model.forward, backend=args.compile)
